@@ -1,0 +1,44 @@
+# The two README commands (`make demo`, `make test`) do all set-up on a fresh machine.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+PIP     := $(BIN)/python -m pip
+# Extras the test suite needs: DeepSpeed, DALI (CPU pipelines), RDKit and AnnData are real components in tests.
+TEST_EXTRAS ?= dev,distributed,dali,chem,sc,eval
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+
+.PHONY: venv install install-test demo test bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(PIP) install --upgrade pip setuptools wheel
+
+venv: $(BIN)/python
+
+# torch 2.13.0 first (a local CPU wheel here, PyPI's CUDA build on a GPU machine), then hold it with constraints.
+$(VENV)/.torch: $(BIN)/python constraints.txt
+	$(PIP) install -c constraints.txt torch==2.13.0
+	touch $@
+
+$(VENV)/.core: $(VENV)/.torch setup.py
+	$(PIP) install -c constraints.txt -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.core setup.py
+	DS_BUILD_OPS=0 $(PIP) install -c constraints.txt -e ".[$(TEST_EXTRAS)]"
+	touch $@
+
+install: $(VENV)/.core
+install-test: $(VENV)/.test
+
+demo: $(VENV)/.core
+	$(BIN)/phenoflow demo
+
+test: $(VENV)/.test
+	$(BIN)/python -m pytest -q tests
+
+bench: $(VENV)/.test
+	$(BIN)/python -m benchmarks.run --smoke
+
+clean:
+	rm -rf $(VENV) .cache runs

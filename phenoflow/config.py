@@ -1,0 +1,420 @@
+"""Typed configuration: dataclasses, named presets, YAML load/dump, dotted overrides, validation.
+
+One `Config` holds six sections (model, flow, data, train, eval, run). Presets live in one registry
+(`PRESETS`); `resolve(preset, overrides)` builds a config, applies `section.field=value` overrides (values
+parsed as YAML scalars/lists) and validates it. Every problem is a `ConfigError` that names the field,
+raised before any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config value, field or preset; the message names it."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sections.
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "mit"  # mit (microscopy transformer)
+    size: str = "XL"  # S | B | L | XL | tiny, see phenoflow.model.mit.MIT_SIZES
+    patch_size: int = 2
+    # Overrides of the size preset (0 = take the preset's value).
+    depth: int = 0
+    hidden_size: int = 0
+    num_heads: int = 0
+    mlp_ratio: float = 4.0
+    # Image size and channel count come from the data section.
+    # Label vocabulary sizes; 0 = taken from the data's vocabularies when the model is built.
+    num_perturbations: int = 0
+    num_experiments: int = 0
+    num_cell_types: int = 0
+    label_dropout: float = 0.15  # each label dropped to its null row independently (gives CFG)
+    proj_dropout: float = 0.1  # dropout after the attention output projection
+    long_skip: bool = True
+    kernels: str = "torch"  # torch | triton
+    attn_backend: str = "auto"  # auto | flash_attn | sdpa | math
+
+
+@dataclass
+class FlowConfig:
+    path: str = "linear"  # linear | vp | bridge
+    bridge_sigma: float = 0.1
+    coupling: str = "independent"  # independent | ot | control
+    control_noise: float = 0.1  # std of the noise added to control images (coupling=control)
+    time_sampler: str = "uniform"  # uniform | logit_normal
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # synthetic | shards
+    shards: str = ""  # folder with a manifest (source=shards); synthetic data is written to run_dir/data
+    image_size: int = 96
+    channels: int = 6  # 6 (cell painting) or 3 (RGB)
+    # Synthetic generator.
+    num_perturbations: int = 8
+    num_experiments: int = 3
+    num_cell_types: int = 1
+    train_images: int = 2048
+    val_images: int = 256
+    synth_seed: int = 0
+    samples_per_shard: int = 1024
+    # Loading.
+    backend: str = "webdataset"  # webdataset | dali
+    num_workers: int = 0
+    shuffle_buffer: int = 1000
+    bad_sample_policy: str = "error"  # error | skip (counted and logged)
+    # Augmentation (paper: random h/v flips, uniform dequantisation x + U[0,1)/128 on [-1, 1] data).
+    hflip: bool = True
+    vflip: bool = True
+    dequantize: bool = True
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 256  # global batch
+    micro_batch_size: int = 0  # 0 = batch_size / world size (no accumulation)
+    total_samples: int = 256 * 150_000  # training length counted in samples seen
+    lr: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    weight_decay: float = 0.0
+    grad_clip: float = 0.5
+    ema_stds: list[float] = field(default_factory=lambda: [0.01, 0.05])
+    seed: int = 0
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    device: str = "auto"  # auto | cpu | cuda
+    engine: str = "single"  # single | ddp | deepspeed | fsdp2
+    zero_stage: int = 2
+    compile: bool = False
+    activation_checkpointing: bool = False
+    log_every_samples: int = 256 * 100
+    ckpt_every_samples: int = 256 * 5000
+    max_nonfinite_steps: int = 10
+
+
+@dataclass
+class EvalConfig:
+    solver: str = "dopri5"  # dopri5 | heun | euler
+    rtol: float = 1e-5
+    atol: float = 1e-5
+    steps: int = 50  # for fixed-step solvers
+    guidance: list[float] = field(default_factory=lambda: [1.0])  # w = 1: no guidance
+    guidance_groups: list[str] = field(default_factory=lambda: ["perturbation"])
+    split: str = "val"
+    batch_size: int = 64
+    max_images: int = 0  # 0 = every real image of the split
+    features: list[str] = field(default_factory=lambda: ["morphology"])  # morphology | inception | dinov2
+    inception_weights: str = ""  # local path to the converted Inception-v3 weights
+    dinov2_weights: str = ""  # local path to DINOv2 ViT-L/14 weights
+    ema_std: float = 0.05  # which EMA width to sample from (0 = raw weights)
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    out_dir: str = "runs"  # the run folder is out_dir/name
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.out_dir) / self.run.name
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation: choices and ranges, each failure names its field.
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.arch": ("mit",),
+    "model.size": ("tiny", "S", "B", "L", "XL", "XL-h64"),
+    "model.kernels": ("torch", "triton"),
+    "model.attn_backend": ("auto", "flash_attn", "sdpa", "math"),
+    "flow.path": ("linear", "vp", "bridge"),
+    "flow.coupling": ("independent", "ot", "control"),
+    "flow.time_sampler": ("uniform", "logit_normal"),
+    "data.source": ("synthetic", "shards"),
+    "data.backend": ("webdataset", "dali"),
+    "data.bad_sample_policy": ("error", "skip"),
+    "train.precision": ("auto", "bf16", "fp32"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.engine": ("single", "ddp", "deepspeed", "fsdp2"),
+    "eval.solver": ("dopri5", "heun", "euler"),
+    "eval.split": ("train", "val", "test", "iid", "ood", "seen", "unseen"),
+}
+
+POSITIVE = [
+    "model.patch_size", "model.mlp_ratio",
+    "data.image_size", "data.num_perturbations", "data.num_experiments", "data.num_cell_types",
+    "data.train_images", "data.samples_per_shard", "data.shuffle_buffer",
+    "train.batch_size", "train.total_samples", "train.lr", "train.log_every_samples",
+    "train.ckpt_every_samples", "train.max_nonfinite_steps",
+    "eval.rtol", "eval.atol", "eval.steps", "eval.batch_size",
+]
+NON_NEGATIVE = [
+    "model.depth", "model.hidden_size", "model.num_heads", "model.num_perturbations",
+    "model.num_experiments", "model.num_cell_types", "data.val_images", "data.num_workers",
+    "train.micro_batch_size", "train.weight_decay", "train.grad_clip", "train.seed", "eval.max_images",
+    "eval.ema_std", "flow.bridge_sigma", "flow.control_noise",
+]
+UNIT_INTERVAL = ["model.label_dropout", "model.proj_dropout", "train.beta1", "train.beta2"]
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    section, name = dotted.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def validate(cfg: Config) -> Config:
+    for key, choices in CHOICES.items():
+        if _get(cfg, key) not in choices:
+            raise ConfigError(f"{key}={_get(cfg, key)!r} is not one of {list(choices)}")
+    for key in POSITIVE:
+        if not _get(cfg, key) > 0:
+            raise ConfigError(f"{key}={_get(cfg, key)!r} must be > 0")
+    for key in NON_NEGATIVE:
+        if not _get(cfg, key) >= 0:
+            raise ConfigError(f"{key}={_get(cfg, key)!r} must be >= 0")
+    for key in UNIT_INTERVAL:
+        if not 0 <= _get(cfg, key) < 1:
+            raise ConfigError(f"{key}={_get(cfg, key)!r} must be in [0, 1)")
+    if cfg.data.channels not in (3, 6):
+        raise ConfigError(f"data.channels={cfg.data.channels} must be 3 or 6")
+    if cfg.model.patch_size not in (2, 4, 8):
+        raise ConfigError(f"model.patch_size={cfg.model.patch_size} must be 2, 4 or 8")
+    if cfg.data.image_size % cfg.model.patch_size:
+        raise ConfigError(
+            f"data.image_size={cfg.data.image_size} is not divisible by model.patch_size={cfg.model.patch_size}")
+    if cfg.train.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"train.zero_stage={cfg.train.zero_stage} must be 0, 1, 2 or 3")
+    if not cfg.train.ema_stds or any(not 0 < s < 0.289 for s in cfg.train.ema_stds):
+        # std of the power-function profile is below 1/sqrt(12) ~ 0.2887 for every gamma > 0
+        raise ConfigError(f"train.ema_stds={cfg.train.ema_stds} must be a non-empty list of values in (0, 0.2887)")
+    if cfg.eval.ema_std and cfg.eval.ema_std not in cfg.train.ema_stds:
+        raise ConfigError(f"eval.ema_std={cfg.eval.ema_std} is not one of train.ema_stds={cfg.train.ema_stds}")
+    if not cfg.eval.guidance or any(w < 0 for w in cfg.eval.guidance):
+        raise ConfigError(f"eval.guidance={cfg.eval.guidance} must be a non-empty list of values >= 0")
+    for g in cfg.eval.guidance_groups:
+        if g not in ("perturbation", "experiment", "cell_type"):
+            raise ConfigError(f"eval.guidance_groups entry {g!r} is not perturbation, experiment or cell_type")
+    for f in cfg.eval.features:
+        if f not in ("morphology", "inception", "dinov2"):
+            raise ConfigError(f"eval.features entry {f!r} is not morphology, inception or dinov2")
+    if cfg.data.source == "shards" and not cfg.data.shards:
+        raise ConfigError("data.shards must name a shard folder when data.source=shards")
+    mb = cfg.train.micro_batch_size
+    if mb and cfg.train.batch_size % mb:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not a multiple of train.micro_batch_size={mb}")
+    if not cfg.run.name or "/" in cfg.run.name:
+        raise ConfigError(f"run.name={cfg.run.name!r} must be a non-empty name without '/'")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dict conversion with type checking.
+
+
+def _check_type(key: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_check_type(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} must be true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}={value!r} must be an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r} must be a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}={value!r} must be a string")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {tp}")
+
+
+def _section_types(section_cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(section_cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
+
+
+def update(cfg: Config, values: dict[str, Any]) -> Config:
+    """Apply a nested dict ({section: {field: value}}) to cfg in place, checking names and types."""
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    for sname, svalues in values.items():
+        if sname not in sections:
+            raise ConfigError(f"unknown config section {sname!r} (known: {sorted(sections)})")
+        if not isinstance(svalues, dict):
+            raise ConfigError(f"config section {sname!r} must be a mapping, got {svalues!r}")
+        section = getattr(cfg, sname)
+        types = _section_types(type(section))
+        for k, v in svalues.items():
+            if k not in types:
+                raise ConfigError(f"unknown config field {sname}.{k} (known: {sorted(types)})")
+            setattr(section, k, _check_type(f"{sname}.{k}", v, types[k]))
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(values: dict[str, Any]) -> Config:
+    return validate(update(Config(), values))
+
+
+def dump_yaml(cfg: Config, path: str | Path | None = None) -> str:
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    if path is not None:
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_suffix(p.suffix + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(p)
+    return text
+
+
+def load_yaml(path: str | Path) -> Config:
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of config sections")
+    try:
+        return from_dict(values)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e
+
+
+def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
+    """['train.batch_size=32', 'eval.guidance=[1,2]'] -> {'train': {'batch_size': 32}, 'eval': {...}}."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.field=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(f"override key {key!r} must be section.field")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: cannot parse value: {e}") from e
+        out.setdefault(parts[0], {})[parts[1]] = value
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Presets: one registry of named configurations.
+
+PRESETS: dict[str, Callable[[], Config]] = {}
+
+
+def preset(name: str):
+    def register(fn: Callable[[], Config]) -> Callable[[], Config]:
+        PRESETS[name] = fn
+        return fn
+
+    return register
+
+
+@preset("demo")
+def _demo() -> Config:
+    """The embedded default: a tiny MiT on 32 px synthetic 6-channel cell painting, a few minutes on 2 CPU cores."""
+    c = Config()
+    c.run.name = "demo"
+    c.model.size, c.model.patch_size = "tiny", 4
+    c.model.proj_dropout = 0.0
+    c.data.image_size, c.data.channels = 32, 6
+    c.data.num_perturbations, c.data.num_experiments = 4, 2
+    c.data.train_images, c.data.val_images, c.data.samples_per_shard = 2048, 128, 512
+    c.train.batch_size, c.train.total_samples, c.train.lr = 64, 64 * 600, 1e-3
+    c.train.log_every_samples, c.train.ckpt_every_samples = 64 * 50, 64 * 200
+    c.eval.solver, c.eval.steps, c.eval.batch_size = "heun", 20, 64
+    c.eval.guidance = [1.0, 2.0]
+    return c
+
+
+@preset("mit-xl2-rxrx1")
+def _rxrx1() -> Config:
+    """The paper's RxRx1 run: MiT-XL/2, 96x96x6, batch 256, 150k steps, Adam 1e-4, clip 0.5, EMA."""
+    c = Config()
+    c.run.name = "mit-xl2-rxrx1"
+    c.data.source = "shards"
+    c.data.shards = "data/rxrx1"
+    c.eval.guidance = [1.0, 1.5, 2.0]
+    c.eval.features = ["inception", "dinov2", "morphology"]
+    return c
+
+
+@preset("mit-xl2-pretrain")
+def _pretrain() -> Config:
+    """Phenoprints-scale pretraining: MiT-XL/2, 1M steps at global batch 256 on 32 GPUs with ZeRO-2."""
+    c = _rxrx1()
+    c.run.name = "mit-xl2-pretrain"
+    c.data.shards = "data/phenoprints"
+    c.data.backend = "dali"
+    c.data.num_workers = 8
+    c.train.total_samples = 256 * 1_000_000
+    c.train.engine, c.train.zero_stage = "deepspeed", 2
+    c.train.micro_batch_size = 8  # 32 GPUs x 8
+    return c
+
+
+@preset("mit-xl2h64-rxrx1")
+def _rxrx1_h64() -> Config:
+    """MiT-XL/2 with 18 heads of 64 (same width and parameters) instead of 16 of 72: no FlashAttention padding."""
+    c = _rxrx1()
+    c.run.name = "mit-xl2h64-rxrx1"
+    c.model.size = "XL-h64"
+    return c
+
+
+@preset("bbbc021")
+def _bbbc021() -> Config:
+    """BBBC021 (RGB 96x96 crops of compound treatments), MiT-XL/2 with one-hot compound labels."""
+    c = _rxrx1()
+    c.run.name = "bbbc021"
+    c.data.shards = "data/bbbc021"
+    c.data.channels = 3
+    return c
+
+
+def resolve(preset_name: str = "demo", overrides: list[str] | None = None, config_file: str | None = None) -> Config:
+    """Preset (or YAML file) + dotted overrides -> a validated Config. Fails naming the field or preset."""
+    if config_file:
+        cfg = load_yaml(config_file)
+    else:
+        if preset_name not in PRESETS:
+            raise ConfigError(f"unknown preset {preset_name!r} (known: {sorted(PRESETS)})")
+        cfg = PRESETS[preset_name]()
+    update(cfg, parse_overrides(overrides or []))
+    return validate(cfg)
