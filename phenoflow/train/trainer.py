@@ -1,0 +1,282 @@
+"""The training loop. Time is counted in samples seen; resume by rerunning the same command.
+
+One step (noise-to-data flow matching, ARCHITECTURE.md section 3):
+    x1 = dequantise(flip(encode(image)))          data, on [-1, 1]
+    x0 ~ N(0, I)  (or a coupling's source)        source
+    t  ~ U[0, 1)  (or logit-normal)
+    x_t, v* = path(x0, x1, t)                      linear: x_t = t x1 + (1 - t) x0, v* = x1 - x0
+    loss = || v_theta(x_t, t, labels) - v* ||^2   mean over pixels and batch
+Every random draw of a step derives from (seed, rank, samples seen), so a resumed run repeats exactly what an
+uninterrupted one does. Models customise training by overriding `Trainer.compute_loss`.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from phenoflow.config import Config, dump_yaml, to_dict
+from phenoflow.data.loader import ShardLoader
+from phenoflow.data.prepare import prepare_data
+from phenoflow.data.shards import load_manifest
+from phenoflow.data.transforms import augment, encode
+from phenoflow.flow.couplings import minibatch_ot
+from phenoflow.flow.paths import build_path, sample_time
+from phenoflow.model.flops import mfu, train_flops_per_image
+from phenoflow.model.mit import LABEL_GROUPS, build_model
+from phenoflow.train.checkpoint import (ema_filename, load_checkpoint, save_checkpoint, save_safetensors,
+                                        write_json)
+from phenoflow.train.ema import PowerFunctionEMA
+from phenoflow.train.engine import build_engine
+
+
+def step_seed(seed: int, rank: int, samples_seen: int) -> int:
+    """A 63-bit seed for one step, mixed from (seed, rank, samples seen)."""
+    return int(np.random.SeedSequence([seed, rank, samples_seen]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def vocab_sizes(manifest: dict) -> dict[str, int]:
+    vocabs = manifest["vocabularies"]
+    return {g: len(vocabs[g]) for g in LABEL_GROUPS if g in vocabs}
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+class RunLog:
+    """Rank-0 logging: a status line per interval, JSON lines in run_dir/log.jsonl, a progress bar."""
+
+    def __init__(self, run_dir: Path, total: int, start: int, enabled: bool):
+        self.enabled = enabled
+        self.path = run_dir / "log.jsonl"
+        self.bar = tqdm(total=total, initial=start, unit="img", dynamic_ncols=True, disable=not enabled,
+                        mininterval=2.0)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if record.get("event") == "train":
+            self.bar.write(
+                f"[{record['samples']:>10d}] loss {record['loss']:.4f}  {record['images_per_s']:.1f} img/s"
+                f"  mfu {100 * record['mfu']:.2f}%  grad {record['grad_norm']:.3f}  mem {record['peak_mem_gb']:.2f} GB"
+                f"  (data {record['time_data']:.2f}s fwd {record['time_forward']:.2f}s"
+                f" bwd {record['time_backward']:.2f}s step {record['time_step']:.2f}s)")
+        else:
+            self.bar.write(json.dumps(record))
+
+    def advance(self, n: int) -> None:
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.run_dir = cfg.run_dir
+        self.engine = build_engine(cfg)
+        self.device = self.engine.device
+        t = cfg.train
+        world = self.engine.world_size
+        if t.batch_size % world:
+            raise ValueError(f"train.batch_size={t.batch_size} is not divisible by the world size {world}")
+        self.micro_batch = t.micro_batch_size or t.batch_size // world
+        if t.batch_size % (self.micro_batch * world):
+            raise ValueError(f"train.batch_size={t.batch_size} is not a multiple of micro batch {self.micro_batch}"
+                             f" x world size {world}")
+        self.accum_steps = t.batch_size // (self.micro_batch * world)
+
+        if self.engine.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            dump_yaml(cfg, self.run_dir / "config.yaml")
+        self.engine.barrier()
+        self.data_dir = prepare_data(cfg) if self.engine.is_main else None
+        self.engine.barrier()
+        self.data_dir = self.data_dir or prepare_data(cfg)
+        self.manifest = load_manifest(self.data_dir)
+        if self.engine.is_main:
+            write_json(self.manifest["vocabularies"], self.run_dir / "vocab.json")
+        self.vocab_sizes = vocab_sizes(self.manifest)
+
+        self.model = self.engine.setup(build_model(cfg, self.vocab_sizes))
+        self.ema = PowerFunctionEMA(self.model, stds=tuple(t.ema_stds))
+        self.path = build_path(cfg.flow)
+        self.loader = ShardLoader(
+            self.data_dir, "train", self.micro_batch, rank=self.engine.rank, world_size=world,
+            num_workers=cfg.data.num_workers, seed=t.seed, shuffle=True, drop_last=True, infinite=True,
+            backend=cfg.data.backend, bad_sample_policy=cfg.data.bad_sample_policy,
+            shuffle_buffer=cfg.data.shuffle_buffer)
+        self.samples_seen = 0
+        self.nonfinite_in_row = 0
+        self.nonfinite_total = 0
+        self.ckpt_path = self.run_dir / "checkpoints" / "latest.pt"
+        self.flops_per_image = train_flops_per_image(self.model.shape)
+
+    # ---- state -----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"engine": self.engine.state_dict(), "ema": self.ema.state_dict(),
+                "loader": self.loader.state_dict(), "samples_seen": self.samples_seen,
+                "nonfinite_total": self.nonfinite_total, "config": to_dict(self.cfg)}
+
+    def save(self, path: Path | None = None) -> None:
+        state = self.state_dict()
+        if self.engine.is_main:
+            save_checkpoint(state, path or self.ckpt_path)
+        self.engine.barrier()
+
+    def try_resume(self) -> bool:
+        if not self.ckpt_path.is_file():
+            return False
+        state = load_checkpoint(self.ckpt_path, map_location=self.device)
+        self.engine.load_state_dict(state["engine"])
+        self.ema.load_state_dict(state["ema"])
+        self.loader.load_state_dict(state["loader"])
+        self.samples_seen = int(state["samples_seen"])
+        self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        return True
+
+    def export(self) -> Path:
+        """Raw and EMA weights as safetensors plus the resolved config as JSON: loadable anywhere."""
+        out = self.run_dir / "export"
+        if self.engine.is_main:
+            save_safetensors(self.model.state_dict(), out / "model.safetensors")
+            for std in self.cfg.train.ema_stds:
+                save_safetensors(self.ema.averaged(std), out / ema_filename(std))
+            write_json({"config": to_dict(self.cfg), "vocab_sizes": self.vocab_sizes,
+                        "samples_seen": self.samples_seen}, out / "model.json")
+            shutil.copy(self.data_dir / "manifest.json", out / "manifest.json")
+        self.engine.barrier()
+        return out
+
+    # ---- one step --------------------------------------------------------------------------------------
+    def compute_loss(self, batch: dict, gen: torch.Generator) -> torch.Tensor:
+        """Flow-matching loss of one micro-batch. Override to change the objective."""
+        cfg, dev = self.cfg, self.device
+        image = batch["image"].to(dev, non_blocking=True)
+        x1 = augment(encode(image), gen, hflip=cfg.data.hflip, vflip=cfg.data.vflip, dequantize=cfg.data.dequantize)
+        x0 = torch.randn(x1.shape, generator=gen, device=dev)
+        if cfg.flow.coupling == "ot":
+            x0 = minibatch_ot(x0, x1)
+        elif cfg.flow.coupling == "control":
+            raise NotImplementedError("flow.coupling=control needs a control pool; use the counterfactual sampler")
+        t = sample_time(x1.shape[0], cfg.flow.time_sampler, generator=gen, device=dev,
+                        mean=cfg.flow.logit_mean, std=cfg.flow.logit_std)
+        xt, target = self.path.sample(x0, x1, t)
+        labels = {g: batch[g].to(dev) for g in LABEL_GROUPS if g in self.vocab_sizes}
+        with self.engine.autocast():
+            v = self.engine.forward_model(xt, t, labels)
+        return (v.float() - target).pow(2).mean()
+
+    def train_step(self, it) -> dict:
+        t_cfg, eng = self.cfg.train, self.engine
+        seed = step_seed(t_cfg.seed, eng.rank, self.samples_seen)
+        torch.manual_seed(seed)  # label dropout and projection dropout inside the model
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        timings = {"data": 0.0, "forward": 0.0, "backward": 0.0, "step": 0.0}
+        total_loss = torch.zeros((), device=self.device)
+        for _ in range(self.accum_steps):
+            t0 = time.perf_counter()
+            batch = next(it)
+            t1 = time.perf_counter()
+            loss = self.compute_loss(batch, gen) / self.accum_steps
+            t2 = time.perf_counter()
+            eng.backward(loss)
+            t3 = time.perf_counter()
+            total_loss += loss.detach()
+            timings["data"] += t1 - t0
+            timings["forward"] += t2 - t1
+            timings["backward"] += t3 - t2
+        t0 = time.perf_counter()
+        loss_value = eng.all_reduce_mean(total_loss).item()
+        grad_norm, stepped = eng.step(t_cfg.grad_clip)
+        stepped = stepped and np.isfinite(loss_value)
+        self.samples_seen += t_cfg.batch_size
+        if stepped:
+            self.ema.update(self.model, self.samples_seen, t_cfg.batch_size)
+            self.nonfinite_in_row = 0
+        else:
+            self.nonfinite_in_row += 1
+            self.nonfinite_total += 1
+        timings["step"] = time.perf_counter() - t0
+        return {"loss": loss_value, "grad_norm": grad_norm, "stepped": stepped, **timings}
+
+    # ---- the loop --------------------------------------------------------------------------------------
+    def fit(self) -> Path:
+        cfg, t_cfg, eng = self.cfg, self.cfg.train, self.engine
+        resumed = self.try_resume()
+        log = RunLog(self.run_dir, t_cfg.total_samples, self.samples_seen, eng.is_main)
+        log.write({"event": "start", "resumed": resumed, "samples_seen": self.samples_seen,
+                   "device": str(self.device), "engine": eng.name, "world_size": eng.world_size,
+                   "params": sum(p.numel() for p in self.model.parameters()),
+                   "train_flops_per_image": self.flops_per_image})
+        it = iter(self.loader)
+        window = {"n": 0, "loss": 0.0, "grad_norm": 0.0, "data": 0.0, "forward": 0.0, "backward": 0.0,
+                  "step": 0.0, "t0": time.perf_counter(), "samples": 0}
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        while self.samples_seen < t_cfg.total_samples:
+            before = self.samples_seen
+            out = self.train_step(it)
+            log.advance(t_cfg.batch_size)
+            if not out["stepped"]:
+                log.write({"event": "nonfinite", "samples": self.samples_seen, "loss": out["loss"],
+                           "grad_norm": out["grad_norm"], "in_row": self.nonfinite_in_row})
+                if self.nonfinite_in_row >= t_cfg.max_nonfinite_steps:
+                    self.save(self.run_dir / "checkpoints" / "nonfinite-diagnostic.pt")
+                    raise NonFiniteError(
+                        f"{self.nonfinite_in_row} non-finite steps in a row at {self.samples_seen} samples "
+                        f"(loss {out['loss']}, grad norm {out['grad_norm']}); diagnostic checkpoint in "
+                        f"{self.run_dir / 'checkpoints' / 'nonfinite-diagnostic.pt'}")
+            else:
+                window["n"] += 1
+                window["loss"] += out["loss"]
+                window["grad_norm"] += out["grad_norm"]
+            for k in ("data", "forward", "backward", "step"):
+                window[k] += out[k]
+            window["samples"] += t_cfg.batch_size
+            crossed = lambda every: before // every != self.samples_seen // every  # noqa: E731
+            done = self.samples_seen >= t_cfg.total_samples
+            if crossed(t_cfg.log_every_samples) or done:
+                self._log_window(log, window)
+            if crossed(t_cfg.ckpt_every_samples) and not done:
+                self.save()
+        self.save()
+        out_dir = self.export()
+        log.write({"event": "end", "samples_seen": self.samples_seen, "export": str(out_dir),
+                   "nonfinite_total": self.nonfinite_total})
+        log.close()
+        return out_dir
+
+    def _log_window(self, log: RunLog, w: dict) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = time.perf_counter() - w["t0"]
+        ips = w["samples"] / max(elapsed, 1e-9)
+        peak = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else 0.0
+        n = max(w["n"], 1)
+        log.write({"event": "train", "samples": self.samples_seen, "loss": w["loss"] / n,
+                   "grad_norm": w["grad_norm"] / n, "images_per_s": ips,
+                   "images_per_s_per_rank": ips / self.engine.world_size,
+                   "mfu": mfu(ips / self.engine.world_size, self.model.shape), "peak_mem_gb": peak,
+                   "time_data": w["data"], "time_forward": w["forward"], "time_backward": w["backward"],
+                   "time_step": w["step"], "time_total": elapsed})
+        w.update({"n": 0, "loss": 0.0, "grad_norm": 0.0, "data": 0.0, "forward": 0.0, "backward": 0.0,
+                  "step": 0.0, "t0": time.perf_counter(), "samples": 0})
+
+
+def train(cfg: Config) -> Path:
+    """Train (or resume) the run described by cfg; returns the export folder."""
+    trainer = Trainer(cfg)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.engine.close()
