@@ -207,9 +207,9 @@ def validate(cfg: Config) -> Config:
             f"data.image_size={cfg.data.image_size} is not divisible by model.patch_size={cfg.model.patch_size}")
     if cfg.train.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"train.zero_stage={cfg.train.zero_stage} must be 0, 1, 2 or 3")
-    if not cfg.train.ema_stds or any(not 0 < s < 0.289 for s in cfg.train.ema_stds):
+    if not cfg.train.ema_stds or any(not 0 < s < 12 ** -0.5 for s in cfg.train.ema_stds):
         # std of the power-function profile is below 1/sqrt(12) ~ 0.2887 for every gamma > 0
-        raise ConfigError(f"train.ema_stds={cfg.train.ema_stds} must be a non-empty list of values in (0, 0.2887)")
+        raise ConfigError(f"train.ema_stds={cfg.train.ema_stds} must be a non-empty list of values in (0, 1/sqrt(12) = 0.2887)")
     if cfg.eval.ema_std and cfg.eval.ema_std not in cfg.train.ema_stds:
         raise ConfigError(f"eval.ema_std={cfg.eval.ema_std} is not one of train.ema_stds={cfg.train.ema_stds}")
     if not cfg.eval.guidance or any(w < 0 for w in cfg.eval.guidance):
