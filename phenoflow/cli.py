@@ -59,7 +59,7 @@ def cmd_demo(args) -> int:
     report = evaluate(cfg, cfg.run_dir)
     t2 = time.perf_counter()
     print(f"[demo] trained in {t1 - t0:.0f}s, evaluated in {t2 - t1:.0f}s")
-    print(f"[demo] report: {report / 'report.md'}")
+    print(f"[demo] report: {report / 'metrics.md'}")
     return 0
 
 
@@ -80,8 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     from phenoflow.data import commands as data_commands
     from phenoflow.eval import commands as eval_commands
 
+    from phenoflow.train import commands as train_commands
+
     data_commands.register(sub)
     eval_commands.register(sub)
+    train_commands.register(sub)
     return parser
 
 

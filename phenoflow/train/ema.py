@@ -44,6 +44,12 @@ def std_key(std: float) -> str:
     return f"{float(std):.4f}"
 
 
+def _persistent_buffers(model: nn.Module) -> dict[str, Tensor]:
+    """Buffers that belong to the state dict (non-persistent ones, e.g. fixed position tables, are rebuilt)."""
+    keys = set(model.state_dict().keys())
+    return {n: b for n, b in model.named_buffers() if n in keys}
+
+
 class PowerFunctionEMA:
     """EDM2 power-function EMA of `model`'s parameters for each std in `stds` (pass the unwrapped module)."""
 
@@ -59,7 +65,7 @@ class PowerFunctionEMA:
     def _snapshot(model: nn.Module) -> dict[str, Tensor]:
         """A float32 copy of the parameters and a copy of the buffers (floating buffers also as float32)."""
         out = {n: p.detach().float().clone() for n, p in model.named_parameters()}
-        for n, b in model.named_buffers():
+        for n, b in _persistent_buffers(model).items():
             out[n] = b.detach().float().clone() if b.is_floating_point() else b.detach().clone()
         return out
 
@@ -70,7 +76,7 @@ class PowerFunctionEMA:
             raise ValueError(f"EMA update needs 0 < batch_size <= cur_nimg, got batch_size={batch_size}, "
                              f"cur_nimg={cur_nimg}")
         params = dict(model.named_parameters())
-        buffers = dict(model.named_buffers())
+        buffers = _persistent_buffers(model)
         for key, avg in self.ema.items():
             beta = (1.0 - batch_size / cur_nimg) ** (self.gammas[key] + 1.0)
             for name, p in params.items():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -41,8 +42,24 @@ def step_seed(seed: int, rank: int, samples_seen: int) -> int:
 
 
 def vocab_sizes(manifest: dict) -> dict[str, int]:
-    vocabs = manifest["vocabularies"]
+    vocabs = manifest["vocabs"]
     return {g: len(vocabs[g]) for g in LABEL_GROUPS if g in vocabs}
+
+
+def carry_loader_state(states: list[dict], loader: ShardLoader, rank: int) -> dict:
+    """The loader state for this rank from the saved states of every old rank. Same world size and micro
+    batch: exactly this rank's old state (exact resume). Otherwise (world size changed) the old epoch is kept
+    and the new ranks start at the same fraction of it: the samples consumed globally divided by the new
+    global micro-batch. Within that one epoch the new ranks' parts differ from the old ones, so a few samples
+    may repeat or be missed in it; later epochs are exactly-once again."""
+    cur = loader.state_dict()
+    if len(states) == loader.world_size and all(states[rank].get(k) == cur[k] for k in ("world_size", "batch_size")):
+        return states[rank]
+    consumed = sum(int(s["batch"]) * int(s["batch_size"]) for s in states)
+    epoch = int(states[0]["epoch"])
+    batch = consumed // (loader.world_size * loader.batch_size)
+    return {**cur, "epoch": epoch, "batch": batch, "samples_in_epoch": batch * loader.batch_size,
+            "skipped": sum(int(s.get("skipped", 0)) for s in states)}
 
 
 class NonFiniteError(RuntimeError):
@@ -55,7 +72,7 @@ class RunLog:
     def __init__(self, run_dir: Path, total: int, start: int, enabled: bool):
         self.enabled = enabled
         self.path = run_dir / "log.jsonl"
-        self.bar = tqdm(total=total, initial=start, unit="img", dynamic_ncols=True, disable=not enabled,
+        self.bar = tqdm(total=total, initial=start, unit="img", dynamic_ncols=True, disable=not enabled or not sys.stderr.isatty(),
                         mininterval=2.0)
 
     def write(self, record: dict) -> None:
@@ -104,11 +121,11 @@ class Trainer:
         self.data_dir = self.data_dir or prepare_data(cfg)
         self.manifest = load_manifest(self.data_dir)
         if self.engine.is_main:
-            write_json(self.manifest["vocabularies"], self.run_dir / "vocab.json")
+            write_json(self.manifest["vocabs"], self.run_dir / "vocab.json")
         self.vocab_sizes = vocab_sizes(self.manifest)
 
         self.model = self.engine.setup(build_model(cfg, self.vocab_sizes))
-        self.ema = PowerFunctionEMA(self.model, stds=tuple(t.ema_stds))
+        self.ema = PowerFunctionEMA(self.engine.ema_view(), stds=tuple(t.ema_stds))  # fp32 masters, local shards
         self.path = build_path(cfg.flow)
         self.loader = ShardLoader(
             self.data_dir, "train", self.micro_batch, rank=self.engine.rank, world_size=world,
@@ -122,39 +139,110 @@ class Trainer:
         self.flops_per_image = train_flops_per_image(self.model.shape)
 
     # ---- state -----------------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        return {"engine": self.engine.state_dict(), "ema": self.ema.state_dict(),
-                "loader": self.loader.state_dict(), "samples_seen": self.samples_seen,
-                "nonfinite_total": self.nonfinite_total, "config": to_dict(self.cfg)}
+    # Checkpoint layout in run_dir/checkpoints/:
+    #   latest.pt            consolidated: full fp32 weights, Adam moments and EMA, every rank's loader state
+    #                        (rank 0 writes it; any engine and world size resumes from it)
+    #   native/<tag>/        sharded engines only: the engine's own files (DeepSpeed save_checkpoint, FSDP2
+    #                        torch.distributed.checkpoint) + trainer-rankNNNNN.pt (EMA shards, loader, counters)
+    #   native/latest.json   pointer to the last complete native checkpoint and the layout it needs
+    # Resume prefers the native checkpoint when engine, world size and ZeRO stage match, else latest.pt.
+    CONSOLIDATED_FORMAT = "phenoflow-consolidated-v1"
+
+    @property
+    def native_dir(self) -> Path:
+        return self.run_dir / "checkpoints" / "native"
+
+    def _rank_state(self) -> dict:
+        """This rank's share of a native checkpoint: EMA pieces, loader position, counters."""
+        return {"ema": self.ema.state_dict(), "loader": self.loader.state_dict(), "samples_seen": self.samples_seen,
+                "nonfinite_total": self.nonfinite_total}
+
+    def state_dict(self) -> dict | None:
+        """The consolidated checkpoint (collective; the dict on rank 0, None elsewhere)."""
+        eng = self.engine
+        full = eng.full_state()
+        ema = {key: eng.gather(avg) for key, avg in self.ema.state_dict().items()}
+        loaders = eng.gather_objects(self.loader.state_dict())
+        if not eng.is_main:
+            return None
+        return {"format": self.CONSOLIDATED_FORMAT, "model": full["model"], "optimizer": full["optimizer"],
+                "ema": ema, "loader": loaders, "samples_seen": self.samples_seen,
+                "nonfinite_total": self.nonfinite_total, "layout": eng.native_signature(), "config": to_dict(self.cfg)}
 
     def save(self, path: Path | None = None) -> None:
+        """Checkpoint; every rank calls it. Sharded engines first write their native checkpoint (each rank its
+        own files, then rank 0 moves the pointer); then rank 0 writes the consolidated state to `path` (default
+        latest.pt). With `path` given (the non-finite diagnostic) only the consolidated state is written."""
+        eng = self.engine
+        if path is None and not eng.replicated:
+            tag = f"s{self.samples_seen:012d}"
+            tag_dir = self.native_dir / tag
+            tag_dir.mkdir(parents=True, exist_ok=True)
+            eng.save_native(tag_dir)
+            save_checkpoint(self._rank_state(), tag_dir / f"trainer-rank{eng.rank:05d}.pt")
+            eng.barrier()  # every rank's files are complete before the pointer moves
+            if eng.is_main:
+                write_json({"tag": tag, "layout": eng.native_signature(), "samples_seen": self.samples_seen},
+                           self.native_dir / "latest.json")
+                for old in self.native_dir.iterdir():
+                    if old.is_dir() and old.name != tag:
+                        shutil.rmtree(old, ignore_errors=True)
         state = self.state_dict()
-        if self.engine.is_main:
+        if eng.is_main:
             save_checkpoint(state, path or self.ckpt_path)
-        self.engine.barrier()
+        eng.barrier()
 
     def try_resume(self) -> bool:
+        eng = self.engine
+        pointer = self.native_dir / "latest.json"
+        if not eng.replicated and pointer.is_file():
+            info = json.loads(pointer.read_text())
+            if info.get("layout") == eng.native_signature():
+                tag_dir = self.native_dir / info["tag"]
+                eng.load_native(tag_dir)
+                st = load_checkpoint(tag_dir / f"trainer-rank{eng.rank:05d}.pt")
+                self.ema.load_state_dict(st["ema"])
+                self.loader.load_state_dict(st["loader"])
+                self.samples_seen = int(st["samples_seen"])
+                self.nonfinite_total = int(st.get("nonfinite_total", 0))
+                return True
         if not self.ckpt_path.is_file():
             return False
-        state = load_checkpoint(self.ckpt_path, map_location=self.device)
-        self.engine.load_state_dict(state["engine"])
-        self.ema.load_state_dict(state["ema"])
-        self.loader.load_state_dict(state["loader"])
-        self.samples_seen = int(state["samples_seen"])
-        self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        self.load_consolidated(self.ckpt_path)
         return True
 
+    def load_consolidated(self, path: Path) -> None:
+        """Resume from a consolidated checkpoint written by any engine at any world size. Every rank maps the
+        file (mmap: one copy in the page cache per node) and keeps its own parts."""
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise RuntimeError(f"cannot load checkpoint {path}: {e}") from e
+        if state.get("format") != self.CONSOLIDATED_FORMAT:
+            raise RuntimeError(f"{path}: not a consolidated phenoflow checkpoint (format {state.get('format')!r})")
+        eng = self.engine
+        eng.load_full_state(state)
+        like = self.ema.state_dict()
+        self.ema.load_state_dict({key: eng.scatter(state["ema"][key], like[key]) for key in like})
+        self.loader.load_state_dict(carry_loader_state(state["loader"], self.loader, eng.rank))
+        self.samples_seen = int(state["samples_seen"])
+        self.nonfinite_total = int(state.get("nonfinite_total", 0))
+
     def export(self) -> Path:
-        """Raw and EMA weights as safetensors plus the resolved config as JSON: loadable anywhere."""
+        """Raw and EMA weights (full, fp32) as safetensors plus the resolved config as JSON: loadable in a
+        single process whatever engine trained them (sharded parts are gathered to rank 0)."""
         out = self.run_dir / "export"
-        if self.engine.is_main:
-            save_safetensors(self.model.state_dict(), out / "model.safetensors")
-            for std in self.cfg.train.ema_stds:
-                save_safetensors(self.ema.averaged(std), out / ema_filename(std))
+        eng = self.engine
+        model = eng.full_model_state()
+        emas = {std: eng.gather(self.ema.averaged(std)) for std in self.cfg.train.ema_stds}
+        if eng.is_main:
+            save_safetensors(model, out / "model.safetensors")
+            for std, avg in emas.items():
+                save_safetensors(avg, out / ema_filename(std))
             write_json({"config": to_dict(self.cfg), "vocab_sizes": self.vocab_sizes,
-                        "samples_seen": self.samples_seen}, out / "model.json")
+                        "samples_seen": self.samples_seen, "engine": eng.native_signature()}, out / "model.json")
             shutil.copy(self.data_dir / "manifest.json", out / "manifest.json")
-        self.engine.barrier()
+        eng.barrier()
         return out
 
     # ---- one step --------------------------------------------------------------------------------------
@@ -201,7 +289,7 @@ class Trainer:
         stepped = stepped and np.isfinite(loss_value)
         self.samples_seen += t_cfg.batch_size
         if stepped:
-            self.ema.update(self.model, self.samples_seen, t_cfg.batch_size)
+            self.ema.update(self.engine.ema_view(), self.samples_seen, t_cfg.batch_size)
             self.nonfinite_in_row = 0
         else:
             self.nonfinite_in_row += 1
@@ -216,7 +304,7 @@ class Trainer:
         log = RunLog(self.run_dir, t_cfg.total_samples, self.samples_seen, eng.is_main)
         log.write({"event": "start", "resumed": resumed, "samples_seen": self.samples_seen,
                    "device": str(self.device), "engine": eng.name, "world_size": eng.world_size,
-                   "params": sum(p.numel() for p in self.model.parameters()),
+                   "params": self.engine.num_params(),
                    "train_flops_per_image": self.flops_per_image})
         it = iter(self.loader)
         window = {"n": 0, "loss": 0.0, "grad_norm": 0.0, "data": 0.0, "forward": 0.0, "backward": 0.0,

@@ -1,0 +1,118 @@
+"""`phenoflow data ...` subcommands: synth (synthetic shards), convert (public layouts -> shards), plan, index.
+
+``register(subparsers)`` adds the ``data`` command to the top-level parser (called by phenoflow/cli.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from phenoflow.config import resolve
+
+    from .prepare import spec_from_config, write_synthetic
+    from .synthetic import effects_markdown
+
+    cfg = resolve(args.preset, args.overrides, config_file=args.config)
+    spec = spec_from_config(cfg)
+    if args.compounds:
+        from dataclasses import replace
+
+        spec = replace(spec, compounds=True)
+    counts = {"train": cfg.data.train_images, "val": cfg.data.val_images}
+    t0 = time.perf_counter()
+    m = write_synthetic(spec, args.out, counts, cfg.data.samples_per_shard, encoding=args.encoding,
+                        workers=args.workers)
+    dt = time.perf_counter() - t0
+    n = sum(counts.values())
+    print(f"wrote {n} synthetic {spec.image_size}x{spec.image_size}x{spec.channels} images to {args.out} in "
+          f"{dt:.1f}s ({n / dt:.0f} images/s): " + ", ".join(
+              f"{s}: {v['count']} samples in {len(v['shards'])} shards" for s, v in m["splits"].items()))
+    if args.effects:
+        print(effects_markdown(spec))
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert
+
+    summary = convert(args.layout, args.csv, args.out, image_root=args.images, samples_per_shard=args.samples_per_shard,
+                      encoding=args.encoding, workers=args.workers, channels=args.channels,
+                      bad_sample_policy=args.bad_sample_policy, seed=args.seed, image_size=args.image_size)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from .plan import format_plan, plan
+
+    p = plan(manifest_dir=args.manifest, images=args.images, shape=args.shape, encoding=args.encoding,
+             samples_per_shard=args.samples_per_shard, gpus=args.gpus, images_per_s_per_gpu=args.images_per_s,
+             bytes_per_image=args.bytes_per_image)
+    print(json.dumps(p, indent=1) if args.json else format_plan(p))
+    return 0
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    from .shards import index_tar
+
+    for tar in args.tars:
+        print(index_tar(Path(tar)))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    data = subparsers.add_parser("data", help="synthetic data, converters from public layouts, shard planning")
+    sub = data.add_subparsers(dest="data_command", required=True)
+
+    p = sub.add_parser("synth", help="write synthetic cell-painting shards (data section of a preset + overrides)")
+    p.add_argument("--out", required=True, help="output folder (shards + manifest.json)")
+    p.add_argument("--preset", default="demo", help="config preset whose data section is used (default demo)")
+    p.add_argument("--config", default=None, help="a YAML config file instead of --preset")
+    p.add_argument("--encoding", default="raw", choices=["raw", "npy", "png"])
+    p.add_argument("--workers", type=int, default=1, help="parallel writer processes (one shard per job)")
+    p.add_argument("--compounds", action="store_true", help="compound perturbations with SMILES and doses")
+    p.add_argument("--effects", action="store_true", help="print the table of known perturbation effects")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.image_size=64 data.train_images=10000")
+    p.set_defaults(func=_cmd_synth)
+
+    p = sub.add_parser("convert", help="convert a public layout (CellFlux/IMPA, MiT CSV, generic CSV) to shards")
+    p.add_argument("layout", choices=["cellflux", "mit", "generic"], help="input layout")
+    p.add_argument("--csv", required=True, help="metadata CSV")
+    p.add_argument("--images", default=None, help="image root folder (default: the CSV's folder)")
+    p.add_argument("--out", required=True, help="output shard folder")
+    p.add_argument("--samples-per-shard", type=int, default=1024)
+    p.add_argument("--encoding", default="raw", choices=["raw", "npy", "png"])
+    p.add_argument("--workers", type=int, default=1, help="parallel converter processes")
+    p.add_argument("--channels", default=None, help="comma-separated channel names (default: by channel count)")
+    p.add_argument("--image-size", type=int, default=0, help="expected image size (0 = from the first image)")
+    p.add_argument("--bad-sample-policy", default="error", choices=["error", "skip"])
+    p.add_argument("--seed", type=int, default=0, help="seed of the row shuffle before sharding")
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("plan", help="bytes, shard count, per-GPU read rate and epoch time for a data set")
+    p.add_argument("--manifest", default=None, help="a shard folder (its manifest) instead of --images/--shape")
+    p.add_argument("--images", type=int, default=12_000_000, help="number of images (default 12M)")
+    p.add_argument("--shape", default="96x96x6", help="HxWxC (default 96x96x6)")
+    p.add_argument("--encoding", default="raw", choices=["raw", "npy", "png"])
+    p.add_argument("--bytes-per-image", type=float, default=0.0, help="override the estimated encoded size")
+    p.add_argument("--samples-per-shard", type=int, default=0, help="0 = chosen for ~1 GB shards")
+    p.add_argument("--gpus", type=int, default=32)
+    p.add_argument("--images-per-s", type=float, default=21.0, help="training images/s per GPU (MiT-XL/2: ~21)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_plan)
+
+    p = sub.add_parser("index", help="(re)build the DALI-compatible .idx file of WebDataset tars")
+    p.add_argument("tars", nargs="+")
+    p.set_defaults(func=_cmd_index)
+
+
+if __name__ == "__main__":  # python -m phenoflow.data.commands data synth ...
+    parser = argparse.ArgumentParser(prog="phenoflow")
+    register(parser.add_subparsers(dest="command", required=True))
+    a = parser.parse_args()
+    sys.exit(a.func(a))

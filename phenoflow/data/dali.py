@@ -1,0 +1,195 @@
+"""NVIDIA DALI backend: `fn.readers.webdataset` with the shards' index files, decoding on the GPU when present.
+
+Same order and resume semantics as the webdataset backend (see loader.py), hence the same batches for the same
+seed: per epoch a DALI pipeline reads, sequentially and without its own shuffling, exactly the shards that cover
+this rank's part of the epoch's shard stream (steps 1-3 of loader.py), in stream order; this wrapper drops the
+samples before the part (or before the resume window) and after it, applies the same window permutation
+(step 4) to a buffer of one window of decoded images, and cuts batches of `batch_size` (step 5).
+Decoding in the pipeline: raw bytes are reshaped, .npy bytes have their header sliced off, PNGs go through
+`fn.decoders.image` (the "mixed" GPU decoder with CUDA) and tiled grayscale PNGs are untiled; then HWC -> CHW.
+With CUDA the images leave the pipeline as CUDA uint8 tensors (flips, dequantisation and normalisation are then
+`transforms.augment` / `encode` on the GPU); without it, a CPU pipeline (device_id=None) gives CPU tensors.
+Labels come from each sample's json on the host. Resident memory: one window of images plus DALI's prefetch queue.
+"""
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any, Iterator
+
+import numpy as np
+import torch
+
+from .loader import batches_per_epoch, part_bounds, shard_stream, window_shuffle
+from .shards import ShardError
+from .vocab import LABEL_GROUPS
+
+if TYPE_CHECKING:
+    from .loader import ShardLoader
+
+
+def _pipeline(paths: list[str], index_paths: list[str], ext: str, shape: tuple[int, int, int], batch: int,
+              threads: int, device_id: int | None, npy_header: int) -> Any:
+    from nvidia.dali import fn, pipeline_def, types
+
+    h, w, c = shape
+    gpu = device_id is not None
+
+    @pipeline_def(batch_size=batch, num_threads=threads, device_id=device_id, prefetch_queue_depth=2)
+    def pipe():  # noqa: ANN202
+        meta, data = fn.readers.webdataset(paths=paths, index_paths=index_paths, ext=["json", ext],
+                                           random_shuffle=False, missing_component_behavior="error", name="reader")
+        if ext == "png":
+            img = fn.decoders.image(data, device="mixed" if gpu else "cpu",
+                                    output_type=types.RGB if c == 3 else types.GRAY)
+            if c != 3:  # (H, W*C, 1) tiled -> (H, C, W) -> (C, H, W)
+                img = fn.transpose(fn.reshape(img, shape=[h, c, w]), perm=[1, 0, 2])
+            else:
+                img = fn.transpose(img, perm=[2, 0, 1])
+        else:
+            if ext == "npy":
+                data = data[npy_header:]  # the .npy header of a fixed-shape uint8 array has a fixed length
+            img = fn.reshape(data.gpu() if gpu else data, shape=[h, w, c])
+            img = fn.transpose(img, perm=[2, 0, 1])
+        return meta, img
+
+    p = pipe()
+    p.build()
+    return p
+
+
+def _to_torch(tl: Any, gpu: bool) -> torch.Tensor | np.ndarray:
+    t = tl.as_tensor()
+    if not gpu:
+        return np.array(t)  # stays numpy on the host until the batch is assembled
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+
+    out = torch.empty(tuple(t.shape()), dtype=torch.uint8, device="cuda")
+    feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream())
+    return out
+
+
+def _npy_header_len(loader: ShardLoader) -> int:
+    h, w, c = loader.dataset.shape
+    rec = loader.dataset.records[0]
+    from .shards import read_index
+
+    e = read_index(loader.folder / rec["index"])[0]
+    return int(e["npy"][1]) - h * w * c
+
+
+def dali_batches(loader: ShardLoader, epoch: int, batch: int) -> Iterator[dict[str, Any]]:
+    """Batches from (epoch, batch) on, in the webdataset backend's order; finite loaders stop at epoch end."""
+    e, b = epoch, batch
+    while True:
+        if b >= loader.per_epoch:
+            if not loader.infinite:
+                return
+            e, b = e + 1, 0
+        yield from _epoch_batches(loader, e, b)
+        b = loader.per_epoch
+
+
+def _epoch_batches(loader: ShardLoader, epoch: int, first_batch: int) -> Iterator[dict[str, Any]]:
+    ds = loader.dataset
+    B, shape = loader.batch_size, ds.shape
+    gpu = torch.cuda.is_available()
+    perm, stream = shard_stream(ds.counts, ds.seed, epoch, ds.shuffle)
+    lo, hi = part_bounds(len(stream), ds.rank, ds.world_size)
+    part = stream[lo:hi]
+    order = window_shuffle(part, ds.seed, epoch, ds.rank, ds.window) if ds.shuffle else part
+    win = ds.window if (ds.shuffle and ds.window > 1) else B
+    n_batches = batches_per_epoch(len(stream), B, ds.rank, ds.world_size, loader.drop_last)
+    p0 = first_batch * B  # first part position to emit
+    need_end = min(len(part), n_batches * B)  # part positions [p0, need_end) are emitted
+    if p0 >= need_end:
+        return
+    w0 = (p0 // win) * win  # reading starts at the beginning of the window holding p0 ...
+    read_end = min(len(part), -(-need_end // win) * win)  # ... and ends with the window holding the last one
+    # Shards (in stream order) covering stream positions [lo + w0, lo + read_end).
+    lens = np.asarray(ds.counts, np.int64)[perm]
+    ends = np.cumsum(lens)
+    s0 = int(np.searchsorted(ends, lo + w0, side="right"))
+    s1 = int(np.searchsorted(ends, lo + read_end - 1, side="right"))
+    skip = lo + w0 - int(ends[s0] - lens[s0])  # samples of shard s0 before the first one we need
+    shards = [ds.records[int(i)] for i in perm[s0:s1 + 1]]
+    ext = {"raw": "img", "npy": "npy", "png": "png"}[ds.manifest["encoding"]]
+    pipe = _pipeline([str(ds.folder / r["name"]) for r in shards], [str(ds.folder / r["index"]) for r in shards],
+                     ext, shape, B, max(1, loader.num_workers), torch.cuda.current_device() if gpu else None,
+                     _npy_header_len(loader) if ext == "npy" else 0)
+    total = skip + (read_end - w0)
+
+    def samples() -> Iterator[tuple[torch.Tensor | np.ndarray, bytes]]:
+        got = 0
+        while got < total:
+            try:
+                metas, imgs = pipe.run()
+            except RuntimeError as e:
+                raise ShardError(f"DALI backend failed reading shards {[r['name'] for r in shards]}: {e} "
+                                 "(the webdataset backend names the bad sample)") from e
+            x = _to_torch(imgs, gpu)
+            for i in range(len(metas)):
+                if got >= total:
+                    return
+                if got >= skip:
+                    yield x[i], np.array(metas[i]).tobytes()
+                got += 1
+
+    out: list[tuple[torch.Tensor | np.ndarray, dict[str, Any]]] = []
+    src = samples()
+    emitted = 0  # part positions handed out so far, counted from w0
+    for ws in range(w0, read_end, win):
+        we = min(ws + win, read_end)
+        buf = [next(src) for _ in range(we - ws)]
+        # Apply the window permutation: emitted id k sits at the buffer position of that id in stream order.
+        stream_ids = part[ws:we]
+        srt = np.argsort(stream_ids)
+        pos = srt[np.searchsorted(stream_ids[srt], order[ws:we])]
+        for j in pos:
+            if w0 + emitted >= p0 and w0 + emitted < need_end:
+                img, raw = buf[int(j)]
+                out.append((img, json.loads(raw)))
+            emitted += 1
+            while len(out) >= B:
+                chunk, out = out[:B], out[B:]
+                yield _collate(loader, chunk)
+    if out:  # drop_last=False: the short last batch of the part
+        yield _collate(loader, out)
+
+
+def _collate(loader: ShardLoader, chunk: list[tuple[torch.Tensor | np.ndarray, dict[str, Any]]]) -> dict[str, Any]:
+    vocabs = loader.dataset.vocabs
+    keep, skipped = [], []
+    labels: dict[str, list[int]] = {g: [] for g in LABEL_GROUPS}
+    dose, ctrl, keys = [], [], []
+    for img, m in chunk:
+        try:
+            lab = {g: vocabs[g].index(str(m[g])) for g in LABEL_GROUPS}
+            d = float(m.get("dose") or 0.0)
+            if not np.isfinite(d):
+                raise ValueError(f"dose {d} is not finite")
+        except (KeyError, ValueError) as e:
+            msg = f"key {m.get('key')}: {e}"
+            if loader.dataset.policy == "error":
+                raise ShardError(msg) from None
+            skipped.append(msg)
+            continue
+        keep.append(img)
+        for g in LABEL_GROUPS:
+            labels[g].append(lab[g])
+        dose.append(d)
+        ctrl.append(bool(m.get("is_control", False)))
+        keys.append(str(m["key"]))
+    c, h, w = loader.dataset.shape[2], *loader.dataset.shape[:2]
+    if not keep:
+        image = torch.empty((0, c, h, w), dtype=torch.uint8)
+    elif isinstance(keep[0], np.ndarray):
+        image = torch.from_numpy(np.stack(keep))
+    else:
+        image = torch.stack(keep)
+    out = {"image": image,
+           **{g: torch.tensor(v, dtype=torch.int64) for g, v in labels.items()},
+           "dose": torch.tensor(dose, dtype=torch.float32), "is_control": torch.tensor(ctrl, dtype=torch.bool),
+           "key": keys}
+    if skipped:
+        out["_skipped"] = skipped
+    return out

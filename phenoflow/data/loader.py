@@ -1,0 +1,351 @@
+"""Deterministic, exactly-once, resumable streaming of shard folders into training and evaluation batches.
+
+Order of an epoch (a pure function of the manifest counts and seed, epoch, rank, world_size, batch_size):
+  1. the split's N samples are numbered 0..N-1 in manifest order (shard by shard, sample by sample);
+  2. shuffle=True: the shards are permuted by a generator seeded with (seed, epoch) and their samples
+     concatenated in that order; shuffle=False: manifest order;
+  3. rank r of W takes the contiguous part [N r // W, N (r + 1) // W) (parts differ by at most one sample);
+  4. shuffle=True: the part is cut into windows of `shuffle_buffer` consecutive samples and each window is
+     permuted by a generator seeded with (seed, epoch, rank): samples move at most one window, so reads stay
+     local (a window spans one or two shards) and memory stays bounded;
+  5. batch b is samples [b B, (b + 1) B) of the part.
+Uneven last part policy: drop_last=True yields the same number of full batches on every rank,
+floor(floor(N / W) / B); the few samples beyond it are left out of this epoch only (a different set each epoch
+when shuffling). drop_last=False yields every sample of the epoch exactly once over all ranks; the last batch of a
+rank may be short and ranks may differ by one batch (use it for evaluation, not for lock-step training).
+
+Every batch is computed independently from (epoch, b), reading only its own samples through the per-shard
+index (byte offsets), so DataLoader workers (which take batches round-robin and return them in order) never
+change the order, and resuming is a jump: ``state_dict()`` records (epoch, batches yielded in this epoch) and a
+loader given ``load_state_dict(state)`` yields exactly the next batch.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .shards import (
+    EXT_TO_ENCODING,
+    MissingShardError,
+    ShardError,
+    decode_image,
+    load_manifest,
+    manifest_vocabs,
+    read_index,
+    split_shards,
+)
+from .vocab import LABEL_GROUPS, Vocab
+
+log = logging.getLogger("phenoflow.data")
+STATE_VERSION = 1
+
+
+def shard_stream(counts: list[int], seed: int, epoch: int, shuffle: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(shard order, global sample ids in stream order) of an epoch: steps 1-2 above."""
+    counts_a = np.asarray(counts, np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts_a)[:-1]]).astype(np.int64)
+    n = int(counts_a.sum())
+    if not shuffle:
+        return np.arange(len(counts_a)), np.arange(n, dtype=np.int64)
+    perm = np.random.default_rng([seed, epoch, 0x5A4D]).permutation(len(counts_a))
+    # Concatenate the permuted shards' sample ranges without a Python loop over samples.
+    lens, st = counts_a[perm], starts[perm]
+    pos = np.arange(n) - np.repeat(np.cumsum(lens) - lens, lens)
+    return perm, np.repeat(st, lens) + pos
+
+
+def part_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Stream positions [lo, hi) of rank's part (step 3)."""
+    return n * rank // world_size, n * (rank + 1) // world_size
+
+
+def window_shuffle(part: np.ndarray, seed: int, epoch: int, rank: int, window: int) -> np.ndarray:
+    """Permute each window of `window` consecutive samples (step 4)."""
+    if window <= 1 or len(part) <= 1:
+        return part
+    rng = np.random.default_rng([seed, epoch, rank, 0x3B1F])
+    win = np.arange(len(part)) // window  # sort by (window, random key): a permutation inside each window
+    return part[np.lexsort((rng.random(len(part)), win))]
+
+
+def epoch_order(counts: list[int], seed: int, epoch: int, rank: int = 0, world_size: int = 1, shuffle: bool = True,
+                window: int = 1000) -> np.ndarray:
+    """Global sample ids (manifest numbering) that rank `rank` reads in `epoch`, in order (steps 1-4 above)."""
+    _, stream = shard_stream(counts, seed, epoch, shuffle)
+    lo, hi = part_bounds(len(stream), rank, world_size)
+    part = stream[lo:hi]
+    return window_shuffle(part, seed, epoch, rank, window) if shuffle else part
+
+
+def batches_per_epoch(n: int, batch_size: int, rank: int, world_size: int, drop_last: bool) -> int:
+    if drop_last:
+        return (n // world_size) // batch_size
+    part = n * (rank + 1) // world_size - n * rank // world_size
+    return -(-part // batch_size)
+
+
+class _BatchIds(Sampler):
+    """Yields (epoch, batch) ids from a start position: one epoch (finite) or forever (infinite)."""
+
+    def __init__(self, epoch: int, batch: int, per_epoch: int, infinite: bool):
+        self.epoch, self.batch, self.per_epoch, self.infinite = epoch, batch, per_epoch, infinite
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        e, b = self.epoch, self.batch
+        while True:
+            if b >= self.per_epoch:
+                if not self.infinite or self.per_epoch == 0:
+                    return
+                e, b = e + 1, 0
+            yield e, b
+            b += 1
+
+    def __len__(self) -> int:
+        return max(self.per_epoch - self.batch, 0)
+
+
+class ShardBatches(Dataset):
+    """Map-style dataset whose item (epoch, b) is batch b of that epoch for one rank, read through shard indexes."""
+
+    def __init__(self, folder: str | Path, split: str, batch_size: int, rank: int, world_size: int, seed: int,
+                 shuffle: bool, window: int, bad_sample_policy: str = "error", cache_shards: int = 32):
+        self.folder = Path(folder)
+        self.manifest = load_manifest(self.folder)
+        self.split = split
+        self.records = split_shards(self.manifest, split)
+        self.counts = [int(r["count"]) for r in self.records]
+        self.starts = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
+        self.shape = tuple(self.manifest["image_shape"])
+        self.vocabs: dict[str, Vocab] = manifest_vocabs(self.manifest)
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.seed, self.shuffle, self.window = seed, shuffle, window
+        if bad_sample_policy not in ("error", "skip"):
+            raise ValueError(f"bad_sample_policy={bad_sample_policy!r} must be 'error' or 'skip'")
+        self.policy = bad_sample_policy
+        self.cache_shards = cache_shards
+        self._order: tuple[int, np.ndarray] | None = None
+        self._files: OrderedDict[int, Any] = OrderedDict()
+        self._indexes: OrderedDict[int, tuple[np.ndarray, list[str]]] = OrderedDict()
+
+    # -- per-process caches (each DataLoader worker has its own copy) ---------------------------------------
+    def order(self, epoch: int) -> np.ndarray:
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, epoch_order(self.counts, self.seed, epoch, self.rank, self.world_size,
+                                              self.shuffle, self.window))
+        return self._order[1]
+
+    def _index(self, s: int) -> tuple[np.ndarray, list[str]]:
+        """(count, 5) int64 (json offset, json size, image offset, image size, image ext code) and the keys."""
+        if s in self._indexes:
+            self._indexes.move_to_end(s)
+            return self._indexes[s]
+        rec = self.records[s]
+        entries = read_index(self.folder / rec["index"])
+        if len(entries) != rec["count"]:
+            raise ShardError(f"shard {rec['name']}: index lists {len(entries)} samples, manifest {rec['count']}")
+        exts = list(EXT_TO_ENCODING)
+        rows = []
+        for e in entries:
+            img_ext = next((x for x in exts if x in e), None)
+            if "json" not in e or img_ext is None:
+                rows.append((-1, 0, -1, 0, -1))
+            else:
+                rows.append((*e["json"], *e[img_ext], exts.index(img_ext)))
+        arr = np.asarray(rows, np.int64).reshape(-1, 5)
+        self._indexes[s] = (arr, [e["__key__"] for e in entries])
+        if len(self._indexes) > self.cache_shards:
+            self._indexes.popitem(last=False)
+        return self._indexes[s]
+
+    def _file(self, s: int) -> Any:
+        if s in self._files:
+            self._files.move_to_end(s)
+            return self._files[s]
+        path = self.folder / self.records[s]["name"]
+        try:
+            f = open(path, "rb", buffering=0)  # noqa: SIM115  (cached handle, closed on eviction)
+        except FileNotFoundError:
+            raise MissingShardError(f"shard {path} listed in the manifest is missing") from None
+        self._files[s] = f
+        if len(self._files) > self.cache_shards:
+            self._files.popitem(last=False)[1].close()
+        return f
+
+    def __getstate__(self) -> dict[str, Any]:  # open files do not travel to worker processes
+        d = dict(self.__dict__)
+        d["_files"], d["_indexes"], d["_order"] = OrderedDict(), OrderedDict(), None
+        return d
+
+    # -- reading ----------------------------------------------------------------------------------------------
+    def read(self, g: int) -> tuple[np.ndarray, dict[str, Any]]:
+        """Sample with global id g: (HWC uint8 image, metadata). Errors name shard and key."""
+        s = int(np.searchsorted(self.starts, g, side="right") - 1)
+        j = g - int(self.starts[s])
+        name = self.records[s]["name"]
+        arr, keys = self._index(s)
+        jo, js, io_, is_, ext = (int(v) for v in arr[j])
+        key = keys[j]
+        if jo < 0:
+            raise ShardError(f"shard {name}, key {key}: missing json or image member")
+        f = self._file(s)
+        # json then image: one read covering both members (and the tar header between them).
+        lo, hi = min(jo, io_), max(jo + js, io_ + is_)
+        f.seek(lo)
+        buf = f.read(hi - lo)
+        if len(buf) != hi - lo:
+            raise ShardError(f"shard {name}, key {key}: the tar file ends early (truncated shard)")
+        try:
+            meta = json.loads(buf[jo - lo: jo - lo + js])
+            shape = meta.get("shape", self.shape)
+            if tuple(shape) != self.shape:
+                raise ValueError(f"shape {shape} differs from the manifest's {list(self.shape)}")
+            img = decode_image(buf[io_ - lo: io_ - lo + is_], list(EXT_TO_ENCODING)[ext], shape)
+        except ValueError as e:
+            raise ShardError(f"shard {name}, key {key}: {e}") from e
+        return img, meta
+
+    def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
+        epoch, b = item
+        ids = self.order(epoch)[b * self.batch_size:(b + 1) * self.batch_size]
+        images = np.empty((len(ids), *self.shape), np.uint8)
+        labels = {g: np.empty(len(ids), np.int64) for g in LABEL_GROUPS}
+        dose, ctrl, keys, skipped = np.empty(len(ids), np.float32), np.empty(len(ids), bool), [], []
+        n = 0
+        for g in ids:
+            try:
+                img, meta = self.read(int(g))
+                lab = {}
+                for grp in LABEL_GROUPS:
+                    try:
+                        lab[grp] = self.vocabs[grp].index(str(meta[grp]))
+                    except (KeyError, ValueError) as e:
+                        raise ShardError(f"shard {self._shard_name(g)}, key {meta.get('key')}: {e}") from None
+                d = float(meta.get("dose") or 0.0)
+                if not np.isfinite(d):
+                    raise ShardError(f"shard {self._shard_name(g)}, key {meta.get('key')}: dose {d} is not finite")
+            except ShardError as e:
+                if self.policy == "error" or isinstance(e, MissingShardError):
+                    raise
+                skipped.append(str(e))
+                continue
+            images[n] = img
+            for grp in LABEL_GROUPS:
+                labels[grp][n] = lab[grp]
+            dose[n], ctrl[n] = d, bool(meta.get("is_control", False))
+            keys.append(str(meta["key"]))
+            n += 1
+        # HWC -> CHW in numpy (single-threaded: torch's intra-op pool stalls when cores are oversubscribed).
+        out = {"image": torch.from_numpy(np.ascontiguousarray(images[:n].transpose(0, 3, 1, 2))),
+               **{g: torch.from_numpy(labels[g][:n]) for g in LABEL_GROUPS},
+               "dose": torch.from_numpy(dose[:n]), "is_control": torch.from_numpy(ctrl[:n]), "key": keys}
+        if skipped:
+            out["_skipped"] = skipped
+        return out
+
+    def _shard_name(self, g: int) -> str:
+        return self.records[int(np.searchsorted(self.starts, g, side="right") - 1)]["name"]
+
+    def __len__(self) -> int:  # not used by the sampler-driven DataLoader; kept for introspection
+        return batches_per_epoch(int(self.starts[-1]), self.batch_size, self.rank, self.world_size, True)
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+class ShardLoader:
+    """Iterate batches of a shard folder's split (see the module docstring for order and resume semantics).
+
+    A batch is {image: uint8 (B, C, H, W), perturbation/experiment/cell_type: int64 (B,), dose: float32 (B,),
+    is_control: bool (B,), key: list[str]}. With bad_sample_policy="skip", bad samples are left out of their
+    batch (which is then shorter), counted in ``skipped`` and logged with shard and key.
+    """
+
+    def __init__(self, manifest_dir: str | Path, split: str, batch_size: int, *, rank: int = 0, world_size: int = 1,
+                 num_workers: int = 0, seed: int = 0, shuffle: bool = True, drop_last: bool = True,
+                 infinite: bool = True, backend: str = "webdataset", bad_sample_policy: str = "error",
+                 shuffle_buffer: int = 1000, prefetch_factor: int = 2):
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+        if backend not in ("webdataset", "dali"):
+            raise ValueError(f"backend={backend!r} must be 'webdataset' or 'dali'")
+        self.folder, self.split, self.batch_size = Path(manifest_dir), split, batch_size
+        self.rank, self.world_size, self.num_workers, self.seed = rank, world_size, num_workers, seed
+        self.shuffle, self.drop_last, self.infinite, self.backend = shuffle, drop_last, infinite, backend
+        self.prefetch_factor = prefetch_factor
+        self.dataset = ShardBatches(manifest_dir, split, batch_size, rank, world_size, seed, shuffle,
+                                    shuffle_buffer, bad_sample_policy)
+        self.manifest = self.dataset.manifest
+        self.num_samples = int(self.dataset.starts[-1])
+        self.per_epoch = batches_per_epoch(self.num_samples, batch_size, rank, world_size, drop_last)
+        if infinite and self.per_epoch == 0:
+            raise ValueError(f"split {split!r} has {self.num_samples} samples: too few for one batch of "
+                             f"{batch_size} per rank with world_size={world_size} (drop_last={drop_last})")
+        self.epoch, self.batch = 0, 0
+        self.skipped = 0
+        self.skipped_log: list[str] = []  # the last 1000 skip messages
+
+    @property
+    def vocabs(self) -> dict[str, Vocab]:
+        return self.dataset.vocabs
+
+    @property
+    def channels(self) -> list[str]:
+        return list(self.manifest["channels"])
+
+    def __len__(self) -> int:
+        """Batches per epoch for this rank."""
+        return self.per_epoch
+
+    # -- resume -----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "epoch": self.epoch, "batch": self.batch,
+                "samples_in_epoch": self.batch * self.batch_size, "skipped": self.skipped, "seed": self.seed,
+                "rank": self.rank, "world_size": self.world_size, "batch_size": self.batch_size,
+                "num_samples": self.num_samples, "shuffle": self.shuffle, "split": self.split}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k in ("seed", "rank", "world_size", "batch_size", "num_samples", "shuffle", "split"):
+            if k in state and state[k] != getattr(self, k):
+                raise ValueError(f"loader state was saved with {k}={state[k]!r}, this loader has "
+                                 f"{k}={getattr(self, k)!r}: exact resume needs the same value")
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+        self.skipped = int(state.get("skipped", 0))
+
+    # -- iteration --------------------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self.batch >= self.per_epoch and not self.infinite:
+            self.epoch, self.batch = self.epoch + 1, 0  # a finished finite epoch: this pass is the next one
+        if self.backend == "dali":
+            from .dali import dali_batches
+
+            source = dali_batches(self, self.epoch, self.batch)
+        else:
+            sampler = _BatchIds(self.epoch, self.batch, self.per_epoch, self.infinite)
+            kw: dict[str, Any] = {}
+            if self.num_workers > 0:
+                kw = {"prefetch_factor": self.prefetch_factor, "persistent_workers": False}
+            source = iter(DataLoader(self.dataset, batch_size=None, sampler=sampler, num_workers=self.num_workers,
+                                     collate_fn=_identity, **kw))
+        for out in source:
+            skipped = out.pop("_skipped", None)
+            if skipped:
+                self.skipped += len(skipped)
+                for msg in skipped:
+                    log.warning("skipped bad sample (%s total): %s", self.skipped, msg)
+                self.skipped_log = (self.skipped_log + skipped)[-1000:]
+            # The state counts batches handed to the caller (not those prefetched by workers).
+            self.batch += 1
+            if self.batch >= self.per_epoch and self.infinite:
+                self.epoch, self.batch = self.epoch + 1, 0
+            yield out

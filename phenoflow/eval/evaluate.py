@@ -1,0 +1,316 @@
+"""`evaluate(cfg, run_dir)`: checkpoint -> generate (solver + guidance) -> features -> metrics -> report.
+
+For every guidance strength w in cfg.eval.guidance, one image is generated per real image of the eval split (same
+labels), saved with its labels to report_dir/samples/w<w>.npz, featurised with each set in cfg.eval.features and
+compared with the real images' features:
+  FD  Fréchet distance from streamed float64 statistics (summed over ranks when torch.distributed is initialised);
+  KD  unbiased MMD^2, cubic kernel, 100 subsets of min(1000, n) (reported x 1000).
+Morphology features are z-scored with the real set's mean and std (std floored at 1% of the feature's scale) and
+soft-clipped at +-10 before both (their raw scales differ by orders of magnitude); network features are used raw,
+as FID/KID conventionally are.
+Real features are cached in run_dir/eval_cache, keyed by a hash of the data manifest, split, image cap, feature set
+and weights file, so a sweep or a rerun featurises the real images once.
+With several ranks each rank generates the disjoint part of the split its loader yields; features are gathered and
+ordered by sample key, so the metrics do not depend on the number of ranks.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from phenoflow.config import Config, from_dict
+from phenoflow.eval.features import FeatureUnavailable, extract, weights_path
+from phenoflow.eval.generate import LABEL_KEYS, ControlPool, generate, save_samples
+from phenoflow.eval.grids import grid_rows, save_grid
+from phenoflow.eval.metrics import (
+    KID_SCALE,
+    FeatureStats,
+    frechet_distance,
+    kernel_distance,
+    reference_scale,
+    standardize,
+)
+from phenoflow.eval.report import METRIC_NAMES, write_report
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = "1"  # bump when a feature extractor's output changes
+
+
+# ---- distribution helpers (no-ops in a single process) ---------------------------------------------------
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def rank_world() -> tuple[int, int]:
+    d = _dist()
+    return (d.get_rank(), d.get_world_size()) if d else (0, 1)
+
+
+def gather_by_key(keys: list[str], tensors: dict[str, torch.Tensor]) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """All ranks' (keys, tensors) concatenated and sorted by key: the same result for any number of ranks."""
+    d = _dist()
+    if d:
+        parts: list[Any] = [None] * d.get_world_size()
+        d.all_gather_object(parts, (keys, {k: v.cpu() for k, v in tensors.items()}))
+        keys = [k for p in parts for k in p[0]]
+        tensors = {name: torch.cat([p[1][name] for p in parts]) for name in tensors}
+    if len(set(keys)) != len(keys):
+        raise ValueError("evaluation: duplicate sample keys across ranks or within the split")
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    idx = torch.tensor(order, dtype=torch.long)
+    return [keys[i] for i in order], {k: v[idx] for k, v in tensors.items()}
+
+
+# ---- model and data ---------------------------------------------------------------------------------------
+def load_export(run_dir: str | Path, ema_std: float | None = None) -> tuple[torch.nn.Module, Config, dict[str, int]]:
+    """Build the model from run_dir/export (model.json + ema-<std>.safetensors, or model.safetensors for std 0)."""
+    from phenoflow.model.mit import build_model
+    from phenoflow.train.checkpoint import ema_filename, load_safetensors
+
+    export = Path(run_dir) / "export"
+    meta_path = export / "model.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path} does not exist: train the run first (or pass a model)")
+    meta = json.loads(meta_path.read_text())
+    cfg = from_dict(meta.get("config", meta))
+    vocab_sizes = {k: int(v) for k, v in meta.get("vocab_sizes", {}).items()}
+    std = cfg.eval.ema_std if ema_std is None else ema_std
+    wfile = export / (ema_filename(std) if std else "model.safetensors")
+    if not wfile.is_file():
+        have = sorted(p.name for p in export.glob("*.safetensors"))
+        raise FileNotFoundError(f"weights {wfile} do not exist (eval.ema_std={std}); export has {have}")
+    model = build_model(cfg, vocab_sizes)
+    state = load_safetensors(wfile)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{wfile}: weights do not match the model built from {meta_path}: "
+                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model, cfg, vocab_sizes
+
+
+def _vocab_names(manifest: dict, group: str) -> list[str]:
+    """Names of a label group's vocabulary in the shard manifest ("vocabs": {group: [names]})."""
+    from phenoflow.data.vocab import Vocab
+
+    vocabs = manifest.get("vocabs", manifest.get("vocabularies", {}))
+    v = vocabs.get(group)
+    return Vocab.from_json(v).names if v is not None else []
+
+
+def _real_batches(cfg: Config, data_dir: Path, rank: int, world: int) -> list[dict[str, Any]]:
+    """Every sample of the eval split (this rank's part) in manifest order, at most eval.max_images overall."""
+    from phenoflow.data.loader import ShardLoader
+
+    loader = ShardLoader(data_dir, cfg.eval.split, cfg.eval.batch_size, rank=rank, world_size=world,
+                         num_workers=cfg.data.num_workers, seed=0, shuffle=False, drop_last=False, infinite=False,
+                         backend=cfg.data.backend, bad_sample_policy=cfg.data.bad_sample_policy)
+    cap = cfg.eval.max_images // world if cfg.eval.max_images else 0  # per-rank share of the cap
+    batches, n = [], 0
+    for b in loader:
+        if cap and n >= cap:
+            break
+        if cap and n + len(b["key"]) > cap:
+            m = cap - n
+            b = {k: (v[:m] if k != "key" else list(v)[:m]) for k, v in b.items()}
+        batches.append(b)
+        n += len(b["key"])
+    if not batches:
+        raise ValueError(f"evaluation: split {cfg.eval.split!r} of {data_dir} yielded no samples on rank {rank}")
+    return batches
+
+
+def _cache_key(data_dir: Path, cfg: Config, name: str) -> str:
+    h = hashlib.sha256()
+    h.update((Path(data_dir) / "manifest.json").read_bytes())
+    h.update(f"{CACHE_VERSION}|{cfg.eval.split}|{cfg.eval.max_images}|{name}".encode())
+    if name != "morphology":
+        p = Path(weights_path(name, cfg.eval))
+        st = p.stat()
+        h.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def real_features(name: str, images: torch.Tensor, keys: list[str], cfg: Config, data_dir: Path,
+                  cache_dir: Path, device: torch.device) -> torch.Tensor:
+    """Real-set features (all ranks, sorted by key), read from / written to the cache."""
+    from safetensors.torch import load_file, save_file
+
+    path = cache_dir / f"real_{name}_{_cache_key(data_dir, cfg, name)}.safetensors"
+    if path.is_file():
+        return load_file(str(path))["features"]
+    local = extract(name, images, cfg.eval, device)
+    _, g = gather_by_key(keys, {"f": local})
+    feats = g["f"]
+    if rank_world()[0] == 0:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({"features": feats.contiguous()}, str(tmp), metadata={"feature_set": name, "split": cfg.eval.split})
+        tmp.replace(path)
+    return feats
+
+
+MORPH_CLIP = 10.0  # soft clip of morphology z-scores (metrics.standardize)
+
+
+def compare(name: str, real: torch.Tensor, gen_local: torch.Tensor, gen_keys: list[str],
+            kd_subsets: int = 100, kd_subset_size: int = 1000) -> dict[str, float]:
+    """FD and KD (x1000) of one feature set. real: all ranks' features; gen_local: this rank's features.
+
+    Morphology features of both sets are first z-scored with the real set's mean and std and soft-clipped at
+    +-MORPH_CLIP (metrics.standardize); network features are used raw.
+    """
+    fd_name, kd_name = METRIC_NAMES[name]
+    if name == "morphology":
+        mean, std = reference_scale(FeatureStats.from_features(real))
+        real = standardize(real, mean, std, MORPH_CLIP)
+        gen_local = standardize(gen_local, mean, std, MORPH_CLIP)
+    stats_r = FeatureStats.from_features(real)
+    stats_g = FeatureStats.from_features(gen_local).all_reduce()  # streamed statistics summed over ranks
+    _, g = gather_by_key(gen_keys, {"f": gen_local})
+    kd, kd_std = kernel_distance(real, g["f"], subsets=kd_subsets, subset_size=kd_subset_size)
+    return {fd_name: frechet_distance(stats_r, stats_g), kd_name: kd * KID_SCALE, kd_name + "_std": kd_std * KID_SCALE}
+
+
+def _device(cfg: Config) -> torch.device:
+    if cfg.train.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.train.device)
+
+
+def evaluate(cfg: Config, run_dir: str | Path | None = None, model: torch.nn.Module | None = None,
+             report_dir: str | Path | None = None, mode: str = "generate", seed: int = 0,
+             progress: bool = True, data_dir: str | Path | None = None) -> Path:
+    """Generate for each w in cfg.eval.guidance, score against the eval split, write the report; returns its folder.
+
+    model: a built model to evaluate as is (default: the run's exported EMA weights, eval.ema_std);
+    data_dir: a shard folder (default: phenoflow.data.prepare.prepare_data(cfg)); report_dir: default run_dir/report.
+    """
+    from phenoflow.data.shards import load_manifest
+
+    run_dir = Path(run_dir or cfg.run_dir)
+    report_dir = Path(report_dir or run_dir / "report")
+    rank, world = rank_world()
+    device = _device(cfg)
+    if model is None:
+        model, _, _ = load_export(run_dir, cfg.eval.ema_std)
+    model = model.to(device)
+    if data_dir is None:
+        from phenoflow.data.prepare import prepare_data
+
+        data_dir = Path(prepare_data(cfg)) if rank == 0 else None
+    d = _dist()
+    if d:
+        holder = [str(data_dir) if data_dir is not None else None]
+        d.broadcast_object_list(holder, src=0)
+        data_dir = Path(holder[0])
+    manifest = load_manifest(data_dir)
+    pert_names = _vocab_names(manifest, "perturbation")
+
+    batches = _real_batches(cfg, data_dir, rank, world)
+    real_images = torch.cat([b["image"] for b in batches])
+    real_keys = [k for b in batches for k in b["key"]]
+    real_pert = torch.cat([b["perturbation"] for b in batches])
+    n_real = len(gather_by_key(real_keys, {})[0])
+    controls = None
+    if mode == "counterfactual":
+        controls = ControlPool()
+        for b in batches:
+            controls.add_batch(b)
+
+    features: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, str] = {}
+    real: dict[str, torch.Tensor] = {}
+    for name in cfg.eval.features:
+        try:
+            real[name] = real_features(name, real_images, real_keys, cfg, data_dir, run_dir / "eval_cache", device)
+        except FeatureUnavailable as e:
+            skipped[name] = str(e)
+            log.warning("feature set %s skipped: %s", name, e)
+            continue
+        features[name] = {"dim": int(real[name].shape[1])}
+
+    sweep, grids = [], []
+    for w in cfg.eval.guidance:
+        t0 = time.perf_counter()
+        gen, labels, nfe = generate(model, batches, cfg.eval, w, device, seed=seed, mode=mode, controls=controls,
+                                    progress=progress and rank == 0)
+        seconds = time.perf_counter() - t0
+        tag = f"w{w:g}"
+        if world > 1:
+            save_samples(report_dir / "samples" / f"{tag}.rank{rank}.npz", gen, labels, w=w, nfe=nfe)
+        elif rank == 0:
+            save_samples(report_dir / "samples" / f"{tag}.npz", gen, labels, w=w, nfe=nfe)
+        metrics: dict[str, float] = {}
+        for name in features:
+            gen_feats = extract(name, gen, cfg.eval, device)
+            metrics.update(compare(name, real[name], gen_feats, labels["key"]))
+        row = {"w": w, "nfe": nfe, "forwards_per_nfe": 1 if w in (0.0, 1.0) else 2, "num_generated": n_real,
+               "seconds": round(seconds, 2), "metrics": metrics}
+        sweep.append(row)
+        if rank == 0:
+            rows = grid_rows(real_images, real_pert, gen, labels["perturbation"], pert_names)
+            grids.append(save_grid(rows, report_dir / f"grid_{tag}.png", title=f"w = {w:g}").name)
+            log.info("w=%g NFE=%.1f %s", w, nfe, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+
+    if rank == 0:
+        results = {
+            "run_dir": str(run_dir), "split": cfg.eval.split, "num_real": n_real, "mode": mode, "seed": seed,
+            "solver": {"method": cfg.eval.solver, "rtol": cfg.eval.rtol, "atol": cfg.eval.atol,
+                       "steps": cfg.eval.steps, "guidance_groups": list(cfg.eval.guidance_groups)},
+            "world_size": world, "features": features, "features_skipped": skipped, "sweep": sweep,
+            "grids": grids, "labels": list(LABEL_KEYS),
+        }
+        write_report(report_dir, results)
+    if d:
+        d.barrier()
+    return report_dir
+
+
+def sample(cfg: Config, run_dir: str | Path | None = None, model: torch.nn.Module | None = None,
+           out_dir: str | Path | None = None, mode: str = "generate", seed: int = 0, progress: bool = True,
+           data_dir: str | Path | None = None) -> Path:
+    """Generate one image per real image of the eval split for each w and save them (no metrics).
+
+    Writes out_dir/w<w>.npz (per rank when distributed: w<w>.rank<r>.npz) and out_dir/grid_w<w>.png; returns out_dir.
+    """
+    from phenoflow.data.shards import load_manifest
+
+    run_dir = Path(run_dir or cfg.run_dir)
+    out_dir = Path(out_dir or run_dir / "samples")
+    rank, world = rank_world()
+    device = _device(cfg)
+    if model is None:
+        model, _, _ = load_export(run_dir, cfg.eval.ema_std)
+    model = model.to(device)
+    if data_dir is None:
+        from phenoflow.data.prepare import prepare_data
+
+        data_dir = prepare_data(cfg)
+    data_dir = Path(data_dir)
+    pert_names = _vocab_names(load_manifest(data_dir), "perturbation")
+    batches = _real_batches(cfg, data_dir, rank, world)
+    controls = None
+    if mode == "counterfactual":
+        controls = ControlPool()
+        for b in batches:
+            controls.add_batch(b)
+    real_images = torch.cat([b["image"] for b in batches])
+    real_pert = torch.cat([b["perturbation"] for b in batches])
+    for w in cfg.eval.guidance:
+        gen, labels, nfe = generate(model, batches, cfg.eval, w, device, seed=seed, mode=mode, controls=controls,
+                                    progress=progress and rank == 0)
+        tag = f"w{w:g}"
+        save_samples(out_dir / (f"{tag}.rank{rank}.npz" if world > 1 else f"{tag}.npz"), gen, labels, w=w, nfe=nfe)
+        if rank == 0:
+            rows = grid_rows(real_images, real_pert, gen, labels["perturbation"], pert_names)
+            save_grid(rows, out_dir / f"grid_{tag}.png", title=f"w = {w:g}")
+            log.info("w=%g: %d images, NFE %.1f -> %s", w, gen.shape[0], nfe, out_dir)
+    return out_dir

@@ -1,0 +1,71 @@
+"""PNG grids of real against generated images, one row per perturbation.
+
+Row r: the perturbation's name, then k real images, a gap, then k generated images (6-channel images projected to
+RGB with `project_to_rgb`). Small crops are enlarged with nearest-neighbour upsampling so they stay visible.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from phenoflow.eval.project import to_uint8_rgb
+
+PAD = 2  # pixels between tiles
+GAP = 12  # extra pixels between the real and the generated block
+
+
+def save_grid(rows: Mapping[str, tuple[torch.Tensor, torch.Tensor]], path: str | Path, k: int = 4,
+              weights: Sequence[Sequence[float]] | None = None, min_tile: int = 64, title: str = "") -> Path:
+    """Write a grid PNG. rows: name -> (real (n, C, H, W), generated (m, C, H, W)) uint8 or [-1, 1] float.
+
+    Each row shows up to k real then up to k generated images (blank tiles where fewer exist).
+    """
+    if not rows:
+        raise ValueError("save_grid: no rows to draw")
+    first_real = next(iter(rows.values()))[0]
+    h, w = first_real.shape[-2:]
+    scale = max(1, -(-min_tile // max(h, w)))  # ceil(min_tile / size)
+    th, tw = h * scale, w * scale
+    font = ImageFont.load_default()
+    label_w = 8 + max(int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(n, font=font)) for n in rows)
+    header = 20 + (14 if title else 0)
+    width = label_w + 2 * k * (tw + PAD) + GAP
+    height = header + len(rows) * (th + PAD)
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    y0 = 2
+    if title:
+        draw.text((4, y0), title, fill=(0, 0, 0), font=font)
+        y0 += 14
+    draw.text((label_w, y0), "real", fill=(0, 0, 0), font=font)
+    draw.text((label_w + k * (tw + PAD) + GAP, y0), "generated", fill=(0, 0, 0), font=font)
+    for r, (name, (real, gen)) in enumerate(rows.items()):
+        y = header + r * (th + PAD)
+        draw.text((4, y + th // 2 - 5), name, fill=(0, 0, 0), font=font)
+        for block, imgs in enumerate((real, gen)):
+            if imgs.shape[0] == 0:
+                continue
+            tiles = to_uint8_rgb(imgs[:k].cpu(), weights).numpy()
+            for i, tile in enumerate(tiles):
+                im = Image.fromarray(tile).resize((tw, th), Image.NEAREST)
+                x = label_w + block * (k * (tw + PAD) + GAP) + i * (tw + PAD)
+                canvas.paste(im, (x, y))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    canvas.save(tmp)
+    tmp.replace(path)
+    return path
+
+
+def grid_rows(real: torch.Tensor, real_labels: torch.Tensor, gen: torch.Tensor, gen_labels: torch.Tensor,
+              names: Sequence[str], k: int = 4, max_rows: int = 16) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Group images by perturbation index into save_grid rows (first k of each; at most max_rows perturbations)."""
+    rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for p in torch.unique(real_labels).tolist()[:max_rows]:
+        name = names[p] if p < len(names) else str(p)
+        rows[name] = (real[real_labels == p][:k], gen[gen_labels == p][:k])
+    return rows
