@@ -90,4 +90,34 @@ def test_epoch_order_is_a_permutation_with_local_windows():
     counts = [5, 9, 1, 7]
     o = epoch_order(counts, seed=0, epoch=3, window=4)
     assert sorted(o.tolist()) == list(range(22))
+    stream = epoch_order(counts, seed=0, epoch=3, window=1)  # shard shuffle only
+    assert o.tolist() != stream.tolist()
+    for w in range(0, 22, 4):  # each window of 4 is a permutation of the same window of the stream
+        assert sorted(o[w:w + 4].tolist()) == sorted(stream[w:w + 4].tolist())
     assert epoch_order(counts, 0, 0, shuffle=False).tolist() == list(range(22))
+
+
+def test_channels_last_view_has_the_same_values(shards):
+    ref = _keys(ShardLoader(shards, "train", 16, seed=2), 1)
+    a = next(iter(ShardLoader(shards, "train", 16, seed=2)))
+    b = next(iter(ShardLoader(shards, "train", 16, seed=2, channels_last=True, num_workers=1)))
+    assert b["key"] == ref[0] and b["image"].shape == a["image"].shape
+    assert b["image"].is_contiguous(memory_format=torch.channels_last) and torch.equal(a["image"], b["image"])
+
+
+def test_prepare_data_writes_once_and_reuses(tmp_path):
+    from phenoflow.config import resolve
+    from phenoflow.data.prepare import prepare_data
+    from phenoflow.data.shards import load_manifest
+
+    cfg = resolve("demo", [f"run.out_dir={tmp_path}", "data.train_images=64", "data.val_images=16",
+                           "data.image_size=16", "data.samples_per_shard=32"])
+    out = prepare_data(cfg, workers=1)
+    assert out == cfg.run_dir / "data" and load_manifest(out)["splits"]["train"]["count"] == 64
+    mtime = (out / "manifest.json").stat().st_mtime_ns
+    assert prepare_data(cfg, workers=1) == out and (out / "manifest.json").stat().st_mtime_ns == mtime
+    cfg.data.val_images = 8  # a different spec: rewritten
+    prepare_data(cfg, workers=1)
+    assert load_manifest(out)["splits"]["val"]["count"] == 8 and len(list(out.glob("val-*.tar"))) == 1
+    b = next(iter(ShardLoader(out, "val", 8, shuffle=False, drop_last=False, infinite=False)))
+    assert b["image"].shape == (8, 6, 16, 16)

@@ -128,7 +128,7 @@ def test_intensity_effect(measured):
     up = mean["gene_04"] / mean["control"]  # ER x1.6
     assert d["gene_04"]["target_channel"] == "ER"
     assert 1.35 < up[1] / np.median(np.delete(up, 1)) < 1.9
-    down = mean["gene_09"] / mean["control"]  # the target channel x0.6
+    down = mean["gene_09"] / mean["control"]  # the target channel (actin) x0.6
     c = list(d["gene_09"]["intensity"]).index(d["gene_09"]["target_channel"])
     assert 0.45 < down[c] / np.median(np.delete(down, c)) < 0.75
 

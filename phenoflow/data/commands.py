@@ -1,4 +1,4 @@
-"""`phenoflow data ...` subcommands: synth (synthetic shards), convert (public layouts -> shards), plan, index.
+"""`phenoflow data ...` subcommands: synth, convert (public layouts -> shards), plan, verify, index.
 
 ``register(subparsers)`` adds the ``data`` command to the top-level parser (called by phenoflow/cli.py).
 """
@@ -65,6 +65,14 @@ def _cmd_index(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from .shards import verify_shards
+
+    counts = verify_shards(args.folder, checksums=not args.no_checksums)
+    print(f"{args.folder}: OK " + ", ".join(f"{s}: {n} samples" for s, n in counts.items()))
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     data = subparsers.add_parser("data", help="synthetic data, converters from public layouts, shard planning")
     sub = data.add_subparsers(dest="data_command", required=True)
@@ -105,6 +113,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--images-per-s", type=float, default=21.0, help="training images/s per GPU (MiT-XL/2: ~21)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_plan)
+
+    p = sub.add_parser("verify", help="check a shard folder: files, sizes, sha256 checksums, index counts")
+    p.add_argument("folder")
+    p.add_argument("--no-checksums", action="store_true", help="skip the sha256 pass (sizes and counts only)")
+    p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser("index", help="(re)build the DALI-compatible .idx file of WebDataset tars")
     p.add_argument("tars", nargs="+")

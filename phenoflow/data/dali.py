@@ -14,12 +14,19 @@ Labels come from each sample's json on the host. Resident memory: one window of 
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from .loader import batches_per_epoch, part_bounds, shard_stream, window_shuffle
+from .loader import (
+    batches_per_epoch,
+    part_bounds,
+    shard_order,
+    stream_slice,
+    window_shuffle,
+)
 from .shards import ShardError
 from .vocab import LABEL_GROUPS
 
@@ -35,7 +42,7 @@ def _pipeline(paths: list[str], index_paths: list[str], ext: str, shape: tuple[i
     gpu = device_id is not None
 
     @pipeline_def(batch_size=batch, num_threads=threads, device_id=device_id, prefetch_queue_depth=2)
-    def pipe():  # noqa: ANN202
+    def pipe():
         meta, data = fn.readers.webdataset(paths=paths, index_paths=index_paths, ext=["json", ext],
                                            random_shuffle=False, missing_component_behavior="error", name="reader")
         if ext == "png":
@@ -93,12 +100,13 @@ def _epoch_batches(loader: ShardLoader, epoch: int, first_batch: int) -> Iterato
     ds = loader.dataset
     B, shape = loader.batch_size, ds.shape
     gpu = torch.cuda.is_available()
-    perm, stream = shard_stream(ds.counts, ds.seed, epoch, ds.shuffle)
-    lo, hi = part_bounds(len(stream), ds.rank, ds.world_size)
-    part = stream[lo:hi]
+    n_total = int(sum(ds.counts))
+    perm = shard_order(len(ds.counts), ds.seed, epoch, ds.shuffle)
+    lo, hi = part_bounds(n_total, ds.rank, ds.world_size)
+    part = stream_slice(ds.counts, perm, lo, hi)
     order = window_shuffle(part, ds.seed, epoch, ds.rank, ds.window) if ds.shuffle else part
     win = ds.window if (ds.shuffle and ds.window > 1) else B
-    n_batches = batches_per_epoch(len(stream), B, ds.rank, ds.world_size, loader.drop_last)
+    n_batches = batches_per_epoch(n_total, B, ds.rank, ds.world_size, loader.drop_last)
     p0 = first_batch * B  # first part position to emit
     need_end = min(len(part), n_batches * B)  # part positions [p0, need_end) are emitted
     if p0 >= need_end:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,18 +49,26 @@ log = logging.getLogger("phenoflow.data")
 STATE_VERSION = 1
 
 
-def shard_stream(counts: list[int], seed: int, epoch: int, shuffle: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(shard order, global sample ids in stream order) of an epoch: steps 1-2 above."""
-    counts_a = np.asarray(counts, np.int64)
-    starts = np.concatenate([[0], np.cumsum(counts_a)[:-1]]).astype(np.int64)
-    n = int(counts_a.sum())
+def shard_order(num_shards: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    """Order in which the shards are concatenated in an epoch (step 2)."""
     if not shuffle:
-        return np.arange(len(counts_a)), np.arange(n, dtype=np.int64)
-    perm = np.random.default_rng([seed, epoch, 0x5A4D]).permutation(len(counts_a))
-    # Concatenate the permuted shards' sample ranges without a Python loop over samples.
-    lens, st = counts_a[perm], starts[perm]
-    pos = np.arange(n) - np.repeat(np.cumsum(lens) - lens, lens)
-    return perm, np.repeat(st, lens) + pos
+        return np.arange(num_shards)
+    return np.random.default_rng([seed, epoch, 0x5A4D]).permutation(num_shards)
+
+
+def stream_slice(counts: list[int], perm: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """Global ids at stream positions [lo, hi) when shards are concatenated in `perm` order. Only the shards
+    overlapping the range are expanded, so a rank's part costs O(N / W) memory, not O(N)."""
+    lens = np.asarray(counts, np.int64)[perm]
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)[perm]  # manifest id of each first sample
+    ends = np.cumsum(lens)
+    s0, s1 = int(np.searchsorted(ends, lo, side="right")), int(np.searchsorted(ends, hi, side="left"))
+    sel_lens, sel_starts = lens[s0:s1 + 1], starts[s0:s1 + 1]
+    first = int(ends[s0] - lens[s0]) if s0 < len(lens) else lo  # stream position of shard s0's first sample
+    n = int(sel_lens.sum())
+    pos = np.arange(n) - np.repeat(np.cumsum(sel_lens) - sel_lens, sel_lens)
+    ids = np.repeat(sel_starts, sel_lens) + pos
+    return ids[lo - first: hi - first]
 
 
 def part_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -72,16 +81,19 @@ def window_shuffle(part: np.ndarray, seed: int, epoch: int, rank: int, window: i
     if window <= 1 or len(part) <= 1:
         return part
     rng = np.random.default_rng([seed, epoch, rank, 0x3B1F])
-    win = np.arange(len(part)) // window  # sort by (window, random key): a permutation inside each window
-    return part[np.lexsort((rng.random(len(part)), win))]
+    n_full = len(part) // window
+    keys = rng.random(len(part))
+    # Each window's permutation = argsort of its random keys (full windows as rows of one matrix, then the tail).
+    idx = np.argsort(keys[:n_full * window].reshape(n_full, window), axis=1) + np.arange(n_full)[:, None] * window
+    tail = np.argsort(keys[n_full * window:]) + n_full * window
+    return part[np.concatenate([idx.ravel(), tail])]
 
 
 def epoch_order(counts: list[int], seed: int, epoch: int, rank: int = 0, world_size: int = 1, shuffle: bool = True,
                 window: int = 1000) -> np.ndarray:
     """Global sample ids (manifest numbering) that rank `rank` reads in `epoch`, in order (steps 1-4 above)."""
-    _, stream = shard_stream(counts, seed, epoch, shuffle)
-    lo, hi = part_bounds(len(stream), rank, world_size)
-    part = stream[lo:hi]
+    lo, hi = part_bounds(int(sum(counts)), rank, world_size)
+    part = stream_slice(counts, shard_order(len(counts), seed, epoch, shuffle), lo, hi)
     return window_shuffle(part, seed, epoch, rank, window) if shuffle else part
 
 
@@ -116,7 +128,8 @@ class ShardBatches(Dataset):
     """Map-style dataset whose item (epoch, b) is batch b of that epoch for one rank, read through shard indexes."""
 
     def __init__(self, folder: str | Path, split: str, batch_size: int, rank: int, world_size: int, seed: int,
-                 shuffle: bool, window: int, bad_sample_policy: str = "error", cache_shards: int = 32):
+                 shuffle: bool, window: int, bad_sample_policy: str = "error", cache_shards: int = 32,
+                 channels_last: bool = False):
         self.folder = Path(folder)
         self.manifest = load_manifest(self.folder)
         self.split = split
@@ -130,7 +143,7 @@ class ShardBatches(Dataset):
         if bad_sample_policy not in ("error", "skip"):
             raise ValueError(f"bad_sample_policy={bad_sample_policy!r} must be 'error' or 'skip'")
         self.policy = bad_sample_policy
-        self.cache_shards = cache_shards
+        self.cache_shards, self.channels_last = cache_shards, channels_last
         self._order: tuple[int, np.ndarray] | None = None
         self._files: OrderedDict[int, Any] = OrderedDict()
         self._indexes: OrderedDict[int, tuple[np.ndarray, list[str]]] = OrderedDict()
@@ -185,21 +198,21 @@ class ShardBatches(Dataset):
         return d
 
     # -- reading ----------------------------------------------------------------------------------------------
-    def read(self, g: int) -> tuple[np.ndarray, dict[str, Any]]:
-        """Sample with global id g: (HWC uint8 image, metadata). Errors name shard and key."""
-        s = int(np.searchsorted(self.starts, g, side="right") - 1)
+    def read(self, g: int, s: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+        """Sample with global id g (in shard s when known): (HWC uint8 image, metadata). Errors name shard, key."""
+        if s is None:
+            s = int(np.searchsorted(self.starts, g, side="right") - 1)
         j = g - int(self.starts[s])
         name = self.records[s]["name"]
         arr, keys = self._index(s)
-        jo, js, io_, is_, ext = (int(v) for v in arr[j])
+        jo, js, io_, is_, ext = arr[j].tolist()
         key = keys[j]
         if jo < 0:
             raise ShardError(f"shard {name}, key {key}: missing json or image member")
         f = self._file(s)
         # json then image: one read covering both members (and the tar header between them).
         lo, hi = min(jo, io_), max(jo + js, io_ + is_)
-        f.seek(lo)
-        buf = f.read(hi - lo)
+        buf = os.pread(f.fileno(), hi - lo, lo)
         if len(buf) != hi - lo:
             raise ShardError(f"shard {name}, key {key}: the tar file ends early (truncated shard)")
         try:
@@ -219,9 +232,10 @@ class ShardBatches(Dataset):
         labels = {g: np.empty(len(ids), np.int64) for g in LABEL_GROUPS}
         dose, ctrl, keys, skipped = np.empty(len(ids), np.float32), np.empty(len(ids), bool), [], []
         n = 0
-        for g in ids:
+        shard_of = (np.searchsorted(self.starts, ids, side="right") - 1).tolist()
+        for g, s in zip(ids.tolist(), shard_of):
             try:
-                img, meta = self.read(int(g))
+                img, meta = self.read(g, s)
                 lab = {}
                 for grp in LABEL_GROUPS:
                     try:
@@ -242,8 +256,11 @@ class ShardBatches(Dataset):
             dose[n], ctrl[n] = d, bool(meta.get("is_control", False))
             keys.append(str(meta["key"]))
             n += 1
-        # HWC -> CHW in numpy (single-threaded: torch's intra-op pool stalls when cores are oversubscribed).
-        out = {"image": torch.from_numpy(np.ascontiguousarray(images[:n].transpose(0, 3, 1, 2))),
+        if self.channels_last:  # (B, C, H, W) view of the HWC buffer: torch's channels_last layout, no copy
+            image = torch.from_numpy(images[:n]).permute(0, 3, 1, 2)
+        else:  # HWC -> CHW in numpy (one thread: torch's intra-op pool stalls on oversubscribed cores)
+            image = torch.from_numpy(np.ascontiguousarray(images[:n].transpose(0, 3, 1, 2)))
+        out = {"image": image,
                **{g: torch.from_numpy(labels[g][:n]) for g in LABEL_GROUPS},
                "dose": torch.from_numpy(dose[:n]), "is_control": torch.from_numpy(ctrl[:n]), "key": keys}
         if skipped:
@@ -266,13 +283,16 @@ class ShardLoader:
 
     A batch is {image: uint8 (B, C, H, W), perturbation/experiment/cell_type: int64 (B,), dose: float32 (B,),
     is_control: bool (B,), key: list[str]}. With bad_sample_policy="skip", bad samples are left out of their
-    batch (which is then shorter), counted in ``skipped`` and logged with shard and key.
+    batch (which is then shorter), counted in ``skipped`` and logged with shard and key. ``channels_last=True``
+    (webdataset backend) skips the HWC -> CHW copy: `image` is then a (B, C, H, W) view with channels-last
+    strides (same values; `.contiguous()` or the trainer's move to the GPU makes it dense), a third of the CPU
+    cost of raw data.
     """
 
     def __init__(self, manifest_dir: str | Path, split: str, batch_size: int, *, rank: int = 0, world_size: int = 1,
                  num_workers: int = 0, seed: int = 0, shuffle: bool = True, drop_last: bool = True,
                  infinite: bool = True, backend: str = "webdataset", bad_sample_policy: str = "error",
-                 shuffle_buffer: int = 1000, prefetch_factor: int = 2):
+                 shuffle_buffer: int = 1000, prefetch_factor: int = 2, channels_last: bool = False):
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         if not 0 <= rank < world_size:
@@ -284,7 +304,7 @@ class ShardLoader:
         self.shuffle, self.drop_last, self.infinite, self.backend = shuffle, drop_last, infinite, backend
         self.prefetch_factor = prefetch_factor
         self.dataset = ShardBatches(manifest_dir, split, batch_size, rank, world_size, seed, shuffle,
-                                    shuffle_buffer, bad_sample_policy)
+                                    shuffle_buffer, bad_sample_policy, channels_last=channels_last)
         self.manifest = self.dataset.manifest
         self.num_samples = int(self.dataset.starts[-1])
         self.per_epoch = batches_per_epoch(self.num_samples, batch_size, rank, world_size, drop_last)
@@ -335,8 +355,10 @@ class ShardLoader:
             kw: dict[str, Any] = {}
             if self.num_workers > 0:
                 kw = {"prefetch_factor": self.prefetch_factor, "persistent_workers": False}
+            # A private generator: DataLoader draws its workers' base seed when the iterator starts, and from
+            # the global torch generator that would shift the trainer's per-step draws after a resume.
             source = iter(DataLoader(self.dataset, batch_size=None, sampler=sampler, num_workers=self.num_workers,
-                                     collate_fn=_identity, **kw))
+                                     collate_fn=_identity, generator=torch.Generator().manual_seed(self.seed), **kw))
         for out in source:
             skipped = out.pop("_skipped", None)
             if skipped:

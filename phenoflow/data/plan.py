@@ -80,9 +80,9 @@ def format_plan(p: dict[str, Any]) -> str:
         f"data set:        {p['images']:,} images of {'x'.join(map(str, p['image_shape']))} ({p['encoding']})",
         f"per sample:      {_size(p['bytes_per_sample'])} in the shards (tar headers and json included)",
         f"total:           {_size(p['total_bytes'])}",
-        f"shards:          {p['shards']:,} of {p['samples_per_shard']:,} samples (~{_size(p['shard_bytes'])} each),"
-        f" {p['shards_per_gpu']:.1f} per GPU",
-        f"read rate:       {_size(p['read_bytes_per_s_per_gpu'])}/s per GPU at {p['images_per_s_per_gpu']:g} images/s;"
-        f" {_size(p['read_bytes_per_s_total'])}/s for {p['gpus']} GPUs",
+        (f"shards:          {p['shards']:,} of {p['samples_per_shard']:,} samples (~{_size(p['shard_bytes'])} each),"
+        f" {p['shards_per_gpu']:.1f} per GPU"),
+        (f"read rate:       {_size(p['read_bytes_per_s_per_gpu'])}/s per GPU at {p['images_per_s_per_gpu']:g} images/s;"
+        f" {_size(p['read_bytes_per_s_total'])}/s for {p['gpus']} GPUs"),
         f"epoch time:      {p['epoch_seconds']:,.0f} s ({h:.2f} h) on {p['gpus']} GPUs",
     ])

@@ -1,7 +1,7 @@
 """Make the data a run needs: synthetic shards written once (and reused), or a checked existing shard folder."""
 from __future__ import annotations
 
-import os
+import fcntl
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -88,13 +88,19 @@ def prepare_data(cfg: Config, workers: int | None = None) -> Path:
         spec = spec_from_config(cfg)
         counts = {"train": d.train_images, "val": d.val_images}
         want = {"kind": "synthetic", "spec": spec.to_dict(), "counts": counts, "samples_per_shard": d.samples_per_shard}
-        try:
-            if load_manifest(out).get("source") == want:
-                return out
-        except (FileNotFoundError, ValueError):
-            pass
-        write_synthetic(spec, out, counts, d.samples_per_shard,
-                        workers=workers if workers is not None else min(2, os.cpu_count() or 1))
+        out.mkdir(parents=True, exist_ok=True)
+        # An exclusive lock: several processes (e.g. the ranks of one job) may call this at once; the first
+        # writes, the others wait and then find a matching manifest.
+        with open(out / ".prepare.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                if load_manifest(out).get("source") == want:
+                    return out
+            except (FileNotFoundError, ValueError):
+                pass
+            # One process by default: this runs inside the trainer, where forking after torch has started
+            # threads is not safe; `phenoflow data synth --workers N` makes large sets in parallel.
+            write_synthetic(spec, out, counts, d.samples_per_shard, workers=workers or 1)
         return out
     if d.source == "shards":
         folder = Path(d.shards)

@@ -124,6 +124,7 @@ class Trainer:
             write_json(self.manifest["vocabs"], self.run_dir / "vocab.json")
         self.vocab_sizes = vocab_sizes(self.manifest)
 
+        torch.manual_seed(t.seed)  # the initial weights depend on the seed alone
         self.model = self.engine.setup(build_model(cfg, self.vocab_sizes))
         self.ema = PowerFunctionEMA(self.engine.ema_view(), stds=tuple(t.ema_stds))  # fp32 masters, local shards
         self.path = build_path(cfg.flow)
@@ -355,6 +356,7 @@ class Trainer:
                    "grad_norm": w["grad_norm"] / n, "images_per_s": ips,
                    "images_per_s_per_rank": ips / self.engine.world_size,
                    "mfu": mfu(ips / self.engine.world_size, self.model.shape), "peak_mem_gb": peak,
+                   "peak_mem_gb_max_rank": self.engine.all_reduce_max(peak),  # collective: every rank logs
                    "time_data": w["data"], "time_forward": w["forward"], "time_backward": w["backward"],
                    "time_step": w["step"], "time_total": elapsed})
         w.update({"n": 0, "loss": 0.0, "grad_norm": 0.0, "data": 0.0, "forward": 0.0, "backward": 0.0,

@@ -1,0 +1,189 @@
+"""Benchmark: loader throughput, samples/s per worker, for 96x96x6 crops (raw and png shards, both backends)
+against the one-.npy-per-crop baseline (a PyTorch Dataset that np.loads one file per sample, as IMPA/CellFlux do).
+
+Rows (benchmarks/results/loader.csv, with device, commit, date):
+  backend    webdataset (phenoflow ShardLoader, index-based reads in a DataLoader) | dali (fn.readers.webdataset;
+             CPU pipeline without CUDA) | npy_files (the baseline)
+  encoding   raw | png | npy (baseline)
+  layout     contiguous (B, C, H, W) batches | channels_last (the webdataset backend's copy-free view)
+  workers    DataLoader worker processes (0 = the main process; DALI: pipeline threads)
+  samples_per_s, samples_per_s_per_worker (divided by max(workers, 1)), speedup_vs_npy_files (the baseline
+  at the same worker count, measured in the same run), rss_mb_per_worker (largest resident set of a worker
+  process, or of the main process for workers = 0, mid-run; includes pages shared with the parent, e.g.
+  torch) and private_mb_per_worker (its unshared pages: what each further worker costs).
+The data are written just before they are read, so reads come from the page cache: this measures the loader's
+CPU cost (tar/index reads, decoding, batching), not the storage. Shuffling is on (default window 1000).
+Run:  python benchmarks/bench_loader.py [--smoke] [--workers 0 1 2] [--images 8192]
+"""
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import common
+
+NAME = "loader"
+
+
+def _rss_mb(pid: int | str = "self") -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _private_mb(pid: int | str = "self") -> float:
+    """Memory the process does not share (private clean + dirty pages): what one more worker costs."""
+    try:
+        kb = sum(int(line.split()[1]) for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+                 if line.startswith(("Private_Clean:", "Private_Dirty:")))
+        return kb / 1024
+    except OSError:
+        return float("nan")
+
+
+def _children() -> list[int]:
+    pids = []
+    for t in Path("/proc/self/task").glob("*/children"):
+        pids += [int(x) for x in t.read_text().split()]
+    return pids
+
+
+class NpyFiles:
+    """The baseline: one .npy per crop listed in a CSV, read with np.load per sample (map-style Dataset)."""
+
+    def __init__(self, csv_path: Path):
+        with open(csv_path) as f:
+            self.paths = [csv_path.parent / r["path"] for r in csv.DictReader(f)]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        import numpy as np
+        import torch
+
+        return torch.from_numpy(np.load(self.paths[i])).permute(2, 0, 1)
+
+
+def _make_data(root: Path, n: int, size: int, per_shard: int) -> dict[str, Path]:
+    import numpy as np
+
+    from phenoflow.data.shards import write_shards
+    from phenoflow.data.synthetic import SyntheticSpec, generate_synthetic
+
+    images, meta = generate_synthetic(SyntheticSpec(image_size=size, channels=6, num_perturbations=8), n, "train")
+    out = {}
+    for enc in ("raw", "png"):
+        out[enc] = root / enc
+        write_shards(images, meta, out[enc], per_shard, encoding=enc)
+    # The baseline layout: nested folders of .npy files plus a CSV.
+    base = root / "npy"
+    rows = []
+    for i, img in enumerate(images):
+        rel = f"plate{i // 1000}/well{(i // 100) % 10}/{i}.npy"
+        (base / rel).parent.mkdir(parents=True, exist_ok=True)
+        np.save(base / rel, img)
+        rows.append(rel)
+    (base / "meta.csv").write_text("path\n" + "\n".join(rows) + "\n")
+    out["npy"] = base / "meta.csv"
+    return out
+
+
+def _drain(it, max_batches: int, ref_rss: list[tuple[float, float]]) -> tuple[int, float]:
+    n, t0 = 0, None
+    for i, b in enumerate(it):
+        x = b["image"] if isinstance(b, dict) else b
+        if i == 0:  # first batch: start-up (worker spawn, pipeline build) is not counted
+            t0 = time.perf_counter()
+            continue
+        n += x.shape[0]
+        if i == max_batches // 2:
+            pids = _children() or ["self"]
+            ref_rss.append((max(_rss_mb(p) for p in pids), max(_private_mb(p) for p in pids)))
+        if i >= max_batches:
+            break
+    return n, time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = common.parser(__doc__.splitlines()[0], warmup=0, iters=1)
+    p.add_argument("--images", type=int, default=8192)
+    p.add_argument("--image-size", type=int, default=96)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--backends", nargs="+", default=["webdataset", "dali", "npy_files"])
+    p.add_argument("--encodings", nargs="+", default=["raw", "png"])
+    args = common.finish_args(p.parse_args(argv))
+    if args.smoke:
+        args.images, args.batch, args.workers = 192, 32, [0]
+    import torch
+    from torch.utils.data import DataLoader, RandomSampler
+
+    # One intra-op thread in the main process, as DataLoader workers have: on oversubscribed cores torch's
+    # thread pool can make a batch copy 50x slower, which would measure the machine's load, not the loader.
+    torch.set_num_threads(1)
+
+    from phenoflow.data.loader import ShardLoader
+
+    backends = list(args.backends)
+    if "dali" in backends:
+        try:
+            import nvidia.dali  # noqa: F401
+        except ImportError:
+            backends.remove("dali")
+    tmp = Path(tempfile.mkdtemp(prefix="bench_loader_"))
+    rows: list[dict] = []
+    try:
+        data = _make_data(tmp, args.images, args.image_size, max(64, args.images // 8))
+        max_batches = args.images // args.batch - 1
+        base_rate: dict[int, float] = {}
+        # The baseline first, so every shard row can carry its same-run ratio.
+        order = (["npy_files"] if "npy_files" in backends else []) + [b for b in backends if b != "npy_files"]
+        variants = [(b, e, "contiguous") for b in order for e in (["npy"] if b == "npy_files" else args.encodings)]
+        variants += [("webdataset", e, "channels_last") for e in args.encodings if "webdataset" in backends]
+        for backend, enc, layout in variants:
+            for w in args.workers:
+                rss: list[tuple[float, float]] = []
+                if backend == "npy_files":
+                    ds = NpyFiles(data["npy"])
+                    g = torch.Generator().manual_seed(0)
+                    it = iter(DataLoader(ds, batch_size=args.batch, sampler=RandomSampler(ds, generator=g),
+                                         num_workers=w))
+                else:
+                    it = iter(ShardLoader(data[enc], "train", args.batch, backend=backend,
+                                          num_workers=w, seed=0, infinite=False,
+                                          channels_last=layout == "channels_last"))
+                n, dt = _drain(it, max_batches, rss)
+                del it
+                rate = n / dt
+                if backend == "npy_files":
+                    base_rate[w] = rate
+                rows.append({"bench": NAME, "backend": backend, "encoding": enc, "layout": layout, "workers": w,
+                             "image_shape": f"{args.image_size}x{args.image_size}x6", "batch": args.batch,
+                             "samples": n, "seconds": dt, "samples_per_s": rate,
+                             "samples_per_s_per_worker": rate / max(w, 1),
+                             "speedup_vs_npy_files": rate / base_rate.get(w, float("nan")),
+                             "rss_mb_per_worker": rss[0][0] if rss else _rss_mb(),
+                             "private_mb_per_worker": rss[0][1] if rss else _private_mb(),
+                             "pipeline_device": "cuda" if backend == "dali" and torch.cuda.is_available() else "cpu",
+                             "page_cache": "warm", "smoke": args.smoke, **common.stamp(args.device),
+                             "cpu_cores": os.cpu_count()})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    common.append_rows(NAME, rows, args.out)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
