@@ -7,7 +7,7 @@ PIP     := $(BIN)/python -m pip
 TEST_EXTRAS ?= dev,distributed,dali,chem,sc,eval
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: venv install install-test demo test bench clean
+.PHONY: venv install install-test demo test bench bench-smoke clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -37,8 +37,13 @@ demo: $(VENV)/.core
 test: $(VENV)/.test
 	$(BIN)/python -m pytest -q tests
 
+# Every benchmark script at full scale (for a GPU machine); rows are appended under benchmarks/results/.
 bench: $(VENV)/.test
-	$(BIN)/python -m benchmarks.run --smoke
+	set -e; for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b; done
+
+# The same scripts at tiny CPU shapes (what the test suite also runs); rows go to a scratch folder.
+bench-smoke: $(VENV)/.test
+	set -e; for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b --smoke --out .cache/bench-smoke; done
 
 clean:
 	rm -rf $(VENV) .cache runs

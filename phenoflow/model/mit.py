@@ -215,7 +215,8 @@ class MiT(nn.Module):
             y = labels.get(g)
             if y is None:  # a missing group is unconditional
                 y = torch.full((batch,), self.null_index(g), dtype=torch.long, device=device)
-            if y.min() < 0 or y.max() > self.null_index(g):
+            # Range check in eager mode only: a data-dependent branch would break a compiled graph.
+            if not torch.compiler.is_compiling() and (y.min() < 0 or y.max() > self.null_index(g)):
                 raise ValueError(f"label {g} out of range [0, {self.null_index(g)}]: {y.min().item()}..{y.max().item()}")
             if self.training and self.shape.label_dropout > 0:
                 # Each label independently dropped to null with p = label_dropout (gives CFG).

@@ -358,7 +358,8 @@ class Trainer:
                    "mfu": mfu(ips / self.engine.world_size, self.model.shape), "peak_mem_gb": peak,
                    "peak_mem_gb_max_rank": self.engine.all_reduce_max(peak),  # collective: every rank logs
                    "time_data": w["data"], "time_forward": w["forward"], "time_backward": w["backward"],
-                   "time_step": w["step"], "time_total": elapsed})
+                   "time_step": w["step"], "time_total": elapsed,
+                   "skipped_samples": self.loader.skipped})
         w.update({"n": 0, "loss": 0.0, "grad_norm": 0.0, "data": 0.0, "forward": 0.0, "backward": 0.0,
                   "step": 0.0, "t0": time.perf_counter(), "samples": 0})
 
