@@ -9,6 +9,7 @@ Every command that takes a config accepts --preset NAME or --config FILE.yaml pl
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -41,7 +42,8 @@ def cmd_train(args) -> int:
     from phenoflow.train.trainer import train
 
     out = train(cfg)
-    print(f"export: {out}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun/deepspeed, report once
+        print(f"export: {out}")
     return 0
 
 

@@ -98,6 +98,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     engine: str = "single"  # single | ddp | deepspeed | fsdp2
     zero_stage: int = 2
+    cpu_offload: bool = False  # deepspeed: optimizer states and fp32 masters in CPU memory (ZeRO-Offload)
+    deepspeed_config: str = ""  # deepspeed: a JSON file whose keys override the generated DeepSpeed config
     compile: bool = False
     activation_checkpointing: bool = False
     log_every_samples: int = 256 * 100
@@ -120,6 +122,7 @@ class EvalConfig:
     inception_weights: str = ""  # local path to the converted Inception-v3 weights
     dinov2_weights: str = ""  # local path to DINOv2 ViT-L/14 weights
     ema_std: float = 0.05  # which EMA width to sample from (0 = raw weights)
+    per_perturbation: bool = False  # also FD/KD per perturbation (phenoflow.eval; those with >= 2 images per set)
 
 
 @dataclass
@@ -222,6 +225,10 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"eval.features entry {f!r} is not morphology, inception or dinov2")
     if cfg.data.source == "shards" and not cfg.data.shards:
         raise ConfigError("data.shards must name a shard folder when data.source=shards")
+    if cfg.train.deepspeed_config and not Path(cfg.train.deepspeed_config).is_file():
+        raise ConfigError(f"train.deepspeed_config={cfg.train.deepspeed_config!r} is not a file")
+    if cfg.train.cpu_offload and cfg.train.engine != "deepspeed":
+        raise ConfigError(f"train.cpu_offload=true needs train.engine=deepspeed, not {cfg.train.engine!r}")
     mb = cfg.train.micro_batch_size
     if mb and cfg.train.batch_size % mb:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not a multiple of train.micro_batch_size={mb}")
