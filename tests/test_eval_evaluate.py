@@ -54,10 +54,15 @@ def test_evaluate_writes_report_samples_and_cache(shards, tmp_path):
     cache = list((tmp_path / "run" / "eval_cache").glob("real_morphology_*.safetensors"))
     assert len(cache) == 1
     # A rerun reads the cached real features and reproduces the metrics exactly.
+    cfg.eval.per_perturbation = True
     report2 = evaluate(cfg, tmp_path / "run", model=model, data_dir=shards, report_dir=tmp_path / "r2",
                        progress=False)
     js2 = json.loads((report2 / "metrics.json").read_text())
     assert js2["sweep"][0]["metrics"] == js["sweep"][0]["metrics"]
+    per = js2["sweep"][1]["per_perturbation"]
+    assert set(per) == {"control", "gene_01", "gene_02", "gene_03", "gene_04"}
+    assert sum(v["n_real"] for v in per.values()) == 22 and all(v["FD_morph"] > 0 for v in per.values())
+    assert "## Per perturbation" in (report2 / "metrics.md").read_text()
 
 
 def test_evaluate_from_export_and_missing_weights(shards, tmp_path):
@@ -107,3 +112,23 @@ def test_cli_subcommands(shards, tmp_path, capsys):
     assert js["mode"] == "counterfactual" and js["num_real"] == 8 and js["sweep"][0]["nfe"] == 2
     args = parser.parse_args(["evaluate", "--dry-run"] + common)
     assert args.func(args) == 0 and "guidance" in capsys.readouterr().out
+
+
+def test_evaluate_with_inception_features(shards, tmp_path):
+    from phenoflow.eval.inception import FIDInceptionV3
+    from phenoflow.eval.weights import save_state_dict
+
+    torch.manual_seed(0)
+    weights = save_state_dict(FIDInceptionV3(), tmp_path / "inception.safetensors")
+    cfg = _cfg()
+    cfg.eval.max_images, cfg.eval.guidance = 2, [1.0]  # 2 + 2 Inception forwards at 299 px
+    cfg.eval.features = ["inception", "dinov2", "morphology"]
+    cfg.eval.inception_weights = str(weights)
+    report = evaluate(cfg, tmp_path / "run", model=build_model(cfg, VOCAB), data_dir=shards, progress=False)
+    js = json.loads((report / "metrics.json").read_text())
+    assert js["features"]["inception"]["dim"] == 2048 and "dinov2" in js["features_skipped"]
+    m = js["sweep"][0]["metrics"]
+    assert m["FID"] >= 0 and "KID" in m and "FD_morph" in m
+    md = (report / "metrics.md").read_text()
+    assert "| w | NFE | FID | KID (x1000) | FD_morph | KD_morph (x1000) |" in md
+    assert "dinov2: not computed (eval.dinov2_weights is not set" in md

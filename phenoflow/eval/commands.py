@@ -1,6 +1,7 @@
 """`phenoflow evaluate` and `phenoflow sample`: argparse subcommands registered by phenoflow.cli.
 
     phenoflow evaluate --preset demo --run-dir runs/demo eval.guidance=[1,2,3]
+    phenoflow evaluate --preset bbbc021 --splits seen unseen eval.inception_weights=weights/pt_inception.pth
     phenoflow sample --preset demo --run-dir runs/demo --out runs/demo/samples eval.solver=heun eval.steps=20
 Both load the run's exported EMA weights (run_dir/export, eval.ema_std) unless told otherwise and use the eval
 section of the config (solver, tolerances, guidance strengths, split, features, weights paths).
@@ -9,6 +10,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
+
+from phenoflow.config import validate
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -22,18 +26,60 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="shard folder (default: prepared from the config's data section)")
 
 
+def _launch_distributed() -> bool:
+    """Under torchrun (WORLD_SIZE > 1), start the process group (nccl on GPUs, else gloo); True if started here."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
+def _finish_distributed(started: bool) -> None:
+    if started:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
 def cmd_evaluate(args) -> int:
     from phenoflow.cli import config_from_args, dry_run
 
     cfg = config_from_args(args)
     if dry_run(cfg, args):
         return 0
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    started = _launch_distributed()
+    try:
+        return _evaluate_splits(cfg, args)
+    finally:
+        _finish_distributed(started)
+
+
+def _evaluate_splits(cfg, args) -> int:
+    from phenoflow.cli import config_from_args
     from phenoflow.eval.evaluate import evaluate
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    report = evaluate(cfg, args.run_dir, report_dir=args.report_dir, mode=args.mode, seed=args.seed,
-                      data_dir=args.data_dir)
-    print(f"report: {report / 'metrics.md'}")
+    if not args.splits:
+        report = evaluate(cfg, args.run_dir, report_dir=args.report_dir, mode=args.mode, seed=args.seed,
+                          data_dir=args.data_dir)
+        print(f"report: {report / 'metrics.md'}")
+        return 0
+    # Several splits (e.g. seen and unseen perturbations): one report each, in REPORT_DIR/<split>.
+    base = Path(args.report_dir) if args.report_dir else Path(args.run_dir or cfg.run_dir) / "report"
+    for split in args.splits:
+        cfg = config_from_args(args)
+        cfg.eval.split = split
+        validate(cfg)
+        report = evaluate(cfg, args.run_dir, report_dir=base / split, mode=args.mode, seed=args.seed,
+                          data_dir=args.data_dir)
+        print(f"report ({split}): {report / 'metrics.md'}")
     return 0
 
 
@@ -46,7 +92,11 @@ def cmd_sample(args) -> int:
     from phenoflow.eval.evaluate import sample
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    out = sample(cfg, args.run_dir, out_dir=args.out, mode=args.mode, seed=args.seed, data_dir=args.data_dir)
+    started = _launch_distributed()
+    try:
+        out = sample(cfg, args.run_dir, out_dir=args.out, mode=args.mode, seed=args.seed, data_dir=args.data_dir)
+    finally:
+        _finish_distributed(started)
     print(f"samples: {out}")
     return 0
 
@@ -57,6 +107,8 @@ def register(subparsers) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(p)
     p.add_argument("--report-dir", default=None, help="report folder (default: RUN_DIR/report)")
+    p.add_argument("--splits", nargs="+", default=None,
+                   help="evaluate each of these splits (e.g. seen unseen) into REPORT_DIR/<split>")
     p.set_defaults(func=cmd_evaluate)
     p = subparsers.add_parser("sample", help="generate one image per real image of the eval split and save them",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -69,6 +69,35 @@ def gather_by_key(keys: list[str], tensors: dict[str, torch.Tensor]) -> tuple[li
     return [keys[i] for i in order], {k: v[idx] for k, v in tensors.items()}
 
 
+def gather_samples(images: torch.Tensor, labels: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]] | None:
+    """Every rank's generated images and labels on rank 0, ordered by sample key (None on other ranks).
+
+    In a single process the inputs are returned unchanged."""
+    d = _dist()
+    if not d:
+        return images, labels
+    tensors = {k: v for k, v in labels.items() if k != "key"}
+    parts: list[Any] | None = [None] * d.get_world_size() if d.get_rank() == 0 else None
+    d.gather_object((labels["key"], images, tensors), parts, dst=0)
+    if parts is None:
+        return None
+    keys = [k for p in parts for k in p[0]]
+    order = torch.tensor(sorted(range(len(keys)), key=keys.__getitem__), dtype=torch.long)
+    out = {k: torch.cat([p[2][k] for p in parts])[order] for k in tensors}
+    out["key"] = [keys[i] for i in order.tolist()]
+    return torch.cat([p[1] for p in parts])[order], out
+
+
+def mean_over_ranks(value: float) -> float:
+    """The mean of a per-rank scalar over all ranks (the value itself in a single process)."""
+    d = _dist()
+    if not d:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    d.all_reduce(t)
+    return float(t.item()) / d.get_world_size()
+
+
 # ---- model and data ---------------------------------------------------------------------------------------
 def load_export(run_dir: str | Path, ema_std: float | None = None) -> tuple[torch.nn.Module, Config, dict[str, int]]:
     """Build the model from run_dir/export (model.json + ema-<std>.safetensors, or model.safetensors for std 0)."""
@@ -89,6 +118,9 @@ def load_export(run_dir: str | Path, ema_std: float | None = None) -> tuple[torc
         raise FileNotFoundError(f"weights {wfile} do not exist (eval.ema_std={std}); export has {have}")
     model = build_model(cfg, vocab_sizes)
     state = load_safetensors(wfile)
+    # Non-persistent buffers (e.g. the fixed sin-cos position embedding) may be in an export; they are rebuilt.
+    buffers = {k for k, _ in model.named_buffers()} - set(model.state_dict())
+    state = {k: v for k, v in state.items() if k not in buffers}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{wfile}: weights do not match the model built from {meta_path}: "
@@ -130,7 +162,9 @@ def _real_batches(cfg: Config, data_dir: Path, rank: int, world: int) -> list[di
 def _cache_key(data_dir: Path, cfg: Config, name: str) -> str:
     h = hashlib.sha256()
     h.update((Path(data_dir) / "manifest.json").read_bytes())
-    h.update(f"{CACHE_VERSION}|{cfg.eval.split}|{cfg.eval.max_images}|{name}".encode())
+    # A capped subset is taken per rank (max_images // world from each rank's part), so it depends on the world size.
+    world = rank_world()[1] if cfg.eval.max_images else 1
+    h.update(f"{CACHE_VERSION}|{cfg.eval.split}|{cfg.eval.max_images}|{world}|{name}".encode())
     if name != "morphology":
         p = Path(weights_path(name, cfg.eval))
         st = p.stat()
@@ -160,29 +194,67 @@ def real_features(name: str, images: torch.Tensor, keys: list[str], cfg: Config,
 MORPH_CLIP = 10.0  # soft clip of morphology z-scores (metrics.standardize)
 
 
+def _prepare(name: str, real: torch.Tensor, gen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Morphology features of both sets z-scored with the real set's mean and std and soft-clipped at +-MORPH_CLIP
+    (metrics.standardize); network features are used raw."""
+    if name != "morphology":
+        return real, gen
+    mean, std = reference_scale(FeatureStats.from_features(real))
+    return standardize(real, mean, std, MORPH_CLIP), standardize(gen, mean, std, MORPH_CLIP)
+
+
 def compare(name: str, real: torch.Tensor, gen_local: torch.Tensor, gen_keys: list[str],
-            kd_subsets: int = 100, kd_subset_size: int = 1000) -> dict[str, float]:
+            kd_subsets: int = 100, kd_subset_size: int = 1000) -> tuple[dict[str, float], torch.Tensor]:
     """FD and KD (x1000) of one feature set. real: all ranks' features; gen_local: this rank's features.
 
-    Morphology features of both sets are first z-scored with the real set's mean and std and soft-clipped at
-    +-MORPH_CLIP (metrics.standardize); network features are used raw.
+    Returns (metrics, the gathered generated features sorted by key, after the same preparation as `real`).
     """
     fd_name, kd_name = METRIC_NAMES[name]
-    if name == "morphology":
-        mean, std = reference_scale(FeatureStats.from_features(real))
-        real = standardize(real, mean, std, MORPH_CLIP)
-        gen_local = standardize(gen_local, mean, std, MORPH_CLIP)
-    stats_r = FeatureStats.from_features(real)
-    stats_g = FeatureStats.from_features(gen_local).all_reduce()  # streamed statistics summed over ranks
+    real_p, gen_p = _prepare(name, real, gen_local)
+    stats_r = FeatureStats.from_features(real_p)
+    stats_g = FeatureStats.from_features(gen_p).all_reduce()  # streamed statistics summed over ranks
     _, g = gather_by_key(gen_keys, {"f": gen_local})
-    kd, kd_std = kernel_distance(real, g["f"], subsets=kd_subsets, subset_size=kd_subset_size)
-    return {fd_name: frechet_distance(stats_r, stats_g), kd_name: kd * KID_SCALE, kd_name + "_std": kd_std * KID_SCALE}
+    gen_all = _prepare(name, real, g["f"])[1]
+    kd, kd_std = kernel_distance(real_p, gen_all, subsets=kd_subsets, subset_size=kd_subset_size)
+    metrics = {fd_name: frechet_distance(stats_r, stats_g), kd_name: kd * KID_SCALE, kd_name + "_std": kd_std * KID_SCALE}
+    return metrics, gen_all
+
+
+def per_perturbation(name: str, real: torch.Tensor, real_pert: torch.Tensor, gen: torch.Tensor,
+                     gen_pert: torch.Tensor, names: list[str]) -> dict[str, dict[str, float]]:
+    """FD / KD (x1000) within each perturbation present with >= 2 images in both sets (features as prepared)."""
+    fd_name, kd_name = METRIC_NAMES[name]
+    out: dict[str, dict[str, float]] = {}
+    for p in torch.unique(real_pert).tolist():
+        r, g = real[real_pert == p], gen[gen_pert == p]
+        if len(r) < 2 or len(g) < 2:
+            continue
+        kd, _ = kernel_distance(r, g, subsets=100, subset_size=1000)
+        label = names[p] if p < len(names) else str(p)
+        out[label] = {"n_real": len(r), "n_generated": len(g), fd_name: frechet_distance(
+            FeatureStats.from_features(r), FeatureStats.from_features(g)), kd_name: kd * KID_SCALE}
+    return out
+
+
+def _data_dir(cfg: Config, data_dir: str | Path | None) -> Path:
+    """The shard folder: given, or prepared from cfg.data by rank 0 (synthetic data is written once) and shared."""
+    rank = rank_world()[0]
+    if data_dir is None and rank == 0:
+        from phenoflow.data.prepare import prepare_data
+
+        data_dir = prepare_data(cfg)
+    d = _dist()
+    if d:
+        holder = [str(data_dir) if data_dir is not None else None]
+        d.broadcast_object_list(holder, src=0)
+        data_dir = holder[0]
+    return Path(data_dir)
 
 
 def _device(cfg: Config) -> torch.device:
-    if cfg.train.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.train.device)
+    """train.device (auto: CUDA when available); on CUDA the current device (set per rank by the launcher)."""
+    use_cuda = torch.cuda.is_available() if cfg.train.device == "auto" else cfg.train.device == "cuda"
+    return torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
 
 
 def evaluate(cfg: Config, run_dir: str | Path | None = None, model: torch.nn.Module | None = None,
@@ -202,15 +274,8 @@ def evaluate(cfg: Config, run_dir: str | Path | None = None, model: torch.nn.Mod
     if model is None:
         model, _, _ = load_export(run_dir, cfg.eval.ema_std)
     model = model.to(device)
-    if data_dir is None:
-        from phenoflow.data.prepare import prepare_data
-
-        data_dir = Path(prepare_data(cfg)) if rank == 0 else None
+    data_dir = _data_dir(cfg, data_dir)
     d = _dist()
-    if d:
-        holder = [str(data_dir) if data_dir is not None else None]
-        d.broadcast_object_list(holder, src=0)
-        data_dir = Path(holder[0])
     manifest = load_manifest(data_dir)
     pert_names = _vocab_names(manifest, "perturbation")
 
@@ -218,7 +283,9 @@ def evaluate(cfg: Config, run_dir: str | Path | None = None, model: torch.nn.Mod
     real_images = torch.cat([b["image"] for b in batches])
     real_keys = [k for b in batches for k in b["key"]]
     real_pert = torch.cat([b["perturbation"] for b in batches])
-    n_real = len(gather_by_key(real_keys, {})[0])
+    _, gathered = gather_by_key(real_keys, {"p": real_pert})
+    real_labels = gathered["p"]  # perturbation of every real image, in the (key-sorted) order of real features
+    n_real = len(real_labels)
     controls = None
     if mode == "counterfactual":
         controls = ControlPool()
@@ -243,17 +310,26 @@ def evaluate(cfg: Config, run_dir: str | Path | None = None, model: torch.nn.Mod
         gen, labels, nfe = generate(model, batches, cfg.eval, w, device, seed=seed, mode=mode, controls=controls,
                                     progress=progress and rank == 0)
         seconds = time.perf_counter() - t0
+        nfe = mean_over_ranks(nfe)  # adaptive solvers: each rank's batches take their own number of steps
         tag = f"w{w:g}"
-        if world > 1:
-            save_samples(report_dir / "samples" / f"{tag}.rank{rank}.npz", gen, labels, w=w, nfe=nfe)
-        elif rank == 0:
-            save_samples(report_dir / "samples" / f"{tag}.npz", gen, labels, w=w, nfe=nfe)
+        gathered = gather_samples(gen, labels)
+        if gathered is not None:  # rank 0: one file with every rank's images
+            save_samples(report_dir / "samples" / f"{tag}.npz", *gathered, w=w, nfe=nfe)
         metrics: dict[str, float] = {}
+        per_pert: dict[str, dict[str, float]] = {}
         for name in features:
             gen_feats = extract(name, gen, cfg.eval, device)
-            metrics.update(compare(name, real[name], gen_feats, labels["key"]))
+            m, gen_all = compare(name, real[name], gen_feats, labels["key"])
+            metrics.update(m)
+            if cfg.eval.per_perturbation:
+                _, gp = gather_by_key(labels["key"], {"p": labels["perturbation"]})
+                real_p = _prepare(name, real[name], gen_all[:0])[0]
+                for pert, vals in per_perturbation(name, real_p, real_labels, gen_all, gp["p"], pert_names).items():
+                    per_pert.setdefault(pert, {}).update(vals)
         row = {"w": w, "nfe": nfe, "forwards_per_nfe": 1 if w in (0.0, 1.0) else 2, "num_generated": n_real,
                "seconds": round(seconds, 2), "metrics": metrics}
+        if per_pert:
+            row["per_perturbation"] = per_pert
         sweep.append(row)
         if rank == 0:
             rows = grid_rows(real_images, real_pert, gen, labels["perturbation"], pert_names)
@@ -279,7 +355,7 @@ def sample(cfg: Config, run_dir: str | Path | None = None, model: torch.nn.Modul
            data_dir: str | Path | None = None) -> Path:
     """Generate one image per real image of the eval split for each w and save them (no metrics).
 
-    Writes out_dir/w<w>.npz (per rank when distributed: w<w>.rank<r>.npz) and out_dir/grid_w<w>.png; returns out_dir.
+    Writes out_dir/w<w>.npz (gathered on rank 0 when distributed) and out_dir/grid_w<w>.png; returns out_dir.
     """
     from phenoflow.data.shards import load_manifest
 
@@ -290,11 +366,7 @@ def sample(cfg: Config, run_dir: str | Path | None = None, model: torch.nn.Modul
     if model is None:
         model, _, _ = load_export(run_dir, cfg.eval.ema_std)
     model = model.to(device)
-    if data_dir is None:
-        from phenoflow.data.prepare import prepare_data
-
-        data_dir = prepare_data(cfg)
-    data_dir = Path(data_dir)
+    data_dir = _data_dir(cfg, data_dir)
     pert_names = _vocab_names(load_manifest(data_dir), "perturbation")
     batches = _real_batches(cfg, data_dir, rank, world)
     controls = None
@@ -308,7 +380,9 @@ def sample(cfg: Config, run_dir: str | Path | None = None, model: torch.nn.Modul
         gen, labels, nfe = generate(model, batches, cfg.eval, w, device, seed=seed, mode=mode, controls=controls,
                                     progress=progress and rank == 0)
         tag = f"w{w:g}"
-        save_samples(out_dir / (f"{tag}.rank{rank}.npz" if world > 1 else f"{tag}.npz"), gen, labels, w=w, nfe=nfe)
+        gathered = gather_samples(gen, labels)
+        if gathered is not None:  # rank 0: one file with every rank's images
+            save_samples(out_dir / f"{tag}.npz", *gathered, w=w, nfe=nfe)
         if rank == 0:
             rows = grid_rows(real_images, real_pert, gen, labels["perturbation"], pert_names)
             save_grid(rows, out_dir / f"grid_{tag}.png", title=f"w = {w:g}")

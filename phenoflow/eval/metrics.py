@@ -184,6 +184,7 @@ def kernel_distance(feats_a, feats_b, subsets: int = 100, subset_size: int = 100
     """KID-style kernel distance: (mean, std) over `subsets` of the unbiased MMD^2 (unscaled, not x 1000).
 
     Each subset draws min(subset_size, n_a, n_b) rows of each set without replacement (numpy Generator(seed)).
+    When that is all rows of both sets, every subset gives the same value: it is computed once (std 0).
     """
     a = np.asarray(torch.as_tensor(feats_a).double().cpu())
     b = np.asarray(torch.as_tensor(feats_b).double().cpu())
@@ -192,6 +193,8 @@ def kernel_distance(feats_a, feats_b, subsets: int = 100, subset_size: int = 100
     m = min(subset_size, a.shape[0], b.shape[0])
     if m < 2:
         raise ValueError(f"kernel_distance: needs at least 2 samples per set, got {a.shape[0]} and {b.shape[0]}")
+    if m == a.shape[0] == b.shape[0]:  # every subset is the whole of both sets: one evaluation says it all
+        return mmd2_unbiased(a, b, degree, gamma, coef), 0.0
     rng = np.random.default_rng(seed)
     vals = np.array([
         mmd2_unbiased(a[rng.choice(a.shape[0], m, replace=False)], b[rng.choice(b.shape[0], m, replace=False)],

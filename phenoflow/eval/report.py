@@ -64,6 +64,27 @@ def markdown_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def per_perturbation_tables(results: dict[str, Any], max_rows: int = 100) -> list[str]:
+    """One Markdown table per w of the per-perturbation metrics (when they were computed)."""
+    cols = metric_columns(list(results["features"]))
+    lines: list[str] = []
+    for row in results["sweep"]:
+        per = row.get("per_perturbation")
+        if not per:
+            continue
+        head = ["perturbation", "n real"] + [c + (" (x1000)" if c.startswith("K") else "") for c in cols]
+        lines += ["", f"### w = {row['w']:g}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for name, vals in list(per.items())[:max_rows]:
+            lines.append("| " + " | ".join([name, str(vals.get("n_real", ""))] + [_fmt(vals.get(c)) for c in cols])
+                         + " |")
+        if len(per) > max_rows:
+            lines.append(f"\n({len(per) - max_rows} more in metrics.json)")
+    if lines:
+        lines = ["", "## Per perturbation", "", ("Within-perturbation distances (small sets: biased upwards; "
+                 "for comparing models and guidance strengths, not with the overall numbers).")] + lines
+    return lines
+
+
 def plot_sweep(results: dict[str, Any], path: Path) -> Path | None:
     """Metric against guidance strength w, one panel per metric (matplotlib, Agg backend)."""
     import matplotlib
@@ -130,6 +151,7 @@ def write_report(report_dir: str | Path, results: dict[str, Any]) -> Path:
         lines.append(f"- {name}: not computed ({why})")
     if plot is not None:
         lines += ["", f"![metric against guidance]({plot.name})"]
+    lines += per_perturbation_tables(results)
     if results.get("grids"):
         lines += ["", "## Real (left) against generated (right), per perturbation", ""]
         lines += [f"![grid]({g})" for g in results["grids"]]
