@@ -121,8 +121,9 @@ class EvalConfig:
     features: list[str] = field(default_factory=lambda: ["morphology"])  # morphology | inception | dinov2
     inception_weights: str = ""  # local path to the converted Inception-v3 weights
     dinov2_weights: str = ""  # local path to DINOv2 ViT-L/14 weights
-    ema_std: float = 0.05  # which EMA width to sample from (0 = raw weights)
+    ema_std: float = 0.01  # which EMA width to sample from (0 = raw weights); 0.01 as in the public MiT code
     per_perturbation: bool = False  # also FD/KD per perturbation (phenoflow.eval; those with >= 2 images per set)
+    include_controls: bool = False  # also generate/score control images (MiT RxRx1 protocol: controls are not scored)
 
 
 @dataclass
@@ -223,6 +224,10 @@ def validate(cfg: Config) -> Config:
     for f in cfg.eval.features:
         if f not in ("morphology", "inception", "dinov2"):
             raise ConfigError(f"eval.features entry {f!r} is not morphology, inception or dinov2")
+    if cfg.flow.coupling == "control":
+        raise ConfigError("flow.coupling=control is not supported by the trainer yet (it needs a per-experiment "
+                          "control pool); counterfactual sampling from controls is `phenoflow evaluate --mode "
+                          "counterfactual`")
     if cfg.data.source == "shards" and not cfg.data.shards:
         raise ConfigError("data.shards must name a shard folder when data.source=shards")
     if cfg.train.deepspeed_config and not Path(cfg.train.deepspeed_config).is_file():

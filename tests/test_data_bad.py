@@ -57,6 +57,12 @@ def _good(key):
     return [(f"{key}.json", json.dumps(_meta(key)).encode()), (f"{key}.img", bytes(np.prod(SHAPE)))]
 
 
+def _without(key, field):
+    m = _meta(key)
+    del m[field]
+    return [(f"{key}.json", json.dumps(m).encode()), (f"{key}.img", bytes(np.prod(SHAPE)))]
+
+
 CASES = {
     "wrong-size image": [("bad.json", json.dumps(_meta("bad")).encode()), ("bad.img", b"\0" * 100)],
     "missing image": [("bad.json", json.dumps(_meta("bad")).encode())],
@@ -66,10 +72,15 @@ CASES = {
                  ("bad.img", bytes(np.prod(SHAPE)))],
     "float pixels": [("bad.json", json.dumps(_meta("bad", encoding="npy")).encode()),
                      ("bad.npy", _npy_bytes(np.full(SHAPE, np.nan, np.float32)))],
+    # The writer always records dose and is_control: a missing one is an error, not dose 0.0 / not a control.
+    "missing dose": _without("bad", "dose"),
+    "missing is_control": _without("bad", "is_control"),
+    "null dose": [("bad.json", json.dumps(_meta("bad", dose=None)).encode()), ("bad.img", bytes(np.prod(SHAPE)))],
 }
 MESSAGES = {"wrong-size image": "100 bytes, expected 16\\*16\\*6", "missing image": "missing json or image member",
             "unknown label": "'zzz'.*perturbation vocabulary", "NaN dose": "dose nan is not finite",
-            "float pixels": "dtype float32"}
+            "float pixels": "dtype float32", "missing dose": "metadata lacks 'dose'",
+            "missing is_control": "metadata lacks 'is_control'", "null dose": "dose None is not a number"}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -127,6 +127,80 @@ def test_generic_layout_image_types(tmp_path, ext):
     assert all(got[f"im{i}"][0].tobytes() == imgs[i].tobytes() for i in range(4))
 
 
+def _bbbc021_fixture(tmp_path, n=12):
+    """A CellFlux BBBC021 CSV: DMSO controls and two compounds at three doses each."""
+    imgs = _images(n, channels=3)
+    rows = []
+    for i in range(n):
+        key = f"Week1_22123_{i}_11_3.0"
+        rel = cellflux_candidates(key)[1]
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        np.save(tmp_path / rel, imgs[i])
+        cpd = "DMSO" if i % 4 == 0 else ["taxol", "nocodazole"][i % 2]
+        rows.append({"SAMPLE_KEY": key, "SPLIT": "train", "STATE": 0 if cpd == "DMSO" else 1, "CPD_NAME": cpd,
+                     "DOSE": [0.1, 0.3, 3.0][i % 3], "BATCH": "Week1"})
+    return rows
+
+
+def test_label_with_dose_makes_each_dose_its_own_class(tmp_path):
+    rows = _bbbc021_fixture(tmp_path)
+    _write_csv(tmp_path / "meta.csv", rows)
+    convert("cellflux", tmp_path / "meta.csv", tmp_path / "plain")
+    convert("cellflux", tmp_path / "meta.csv", tmp_path / "dosed", label_with_dose=True)
+    m0, plain = _read_all(tmp_path / "plain")
+    m1, dosed = _read_all(tmp_path / "dosed")
+    assert m0["vocabs"]["perturbation"] == ["control", "nocodazole", "taxol"]
+    expected = {"control"} | {f"{r['CPD_NAME']}_{r['DOSE']:g}" for r in rows if r["CPD_NAME"] != "DMSO"}
+    assert set(m1["vocabs"]["perturbation"]) == expected and m1["vocabs"]["perturbation"][0] == "control"
+    assert len(m1["vocabs"]["perturbation"]) == 7 > len(m0["vocabs"]["perturbation"])  # 2 compounds x 3 doses
+    for r in rows:
+        a, b = plain[r["SAMPLE_KEY"]][1], dosed[r["SAMPLE_KEY"]][1]
+        ctrl = r["CPD_NAME"] == "DMSO"
+        assert a["perturbation"] == ("control" if ctrl else r["CPD_NAME"])
+        assert b["perturbation"] == ("control" if ctrl else f"{r['CPD_NAME']}_{r['DOSE']:g}")
+        assert a["compound"] == b["compound"] == r["CPD_NAME"] and a["dose"] == b["dose"] == r["DOSE"]
+    assert dosed[rows[1]["SAMPLE_KEY"]][1]["perturbation"] == "nocodazole_0.3"
+    # MiT layout: the flag uses perturbation_id_with_dose as written.
+    mit = [{"path": cellflux_candidates(r["SAMPLE_KEY"])[1], "experiment_id": "e1",
+            "perturbation_id": r["CPD_NAME"], "perturbation_id_with_dose": f"{r['CPD_NAME']}_{r['DOSE']}",
+            "split": "train"} for r in rows]
+    _write_csv(tmp_path / "mit.csv", mit)
+    s0 = convert("mit", tmp_path / "mit.csv", tmp_path / "mit0")
+    s1 = convert("mit", tmp_path / "mit.csv", tmp_path / "mit1", label_with_dose=True)
+    assert set(s0["label_counts"]["train"]["perturbation"]) == {"control", "nocodazole", "taxol"}
+    assert set(s1["label_counts"]["train"]["perturbation"]) == {"control"} | {
+        x["perturbation_id_with_dose"] for x in mit if x["perturbation_id"] != "DMSO"}
+    assert "taxol_3.0" in s1["label_counts"]["train"]["perturbation"]
+
+
+def test_empty_dose_of_a_treated_row_is_an_error(tmp_path):
+    rows = _bbbc021_fixture(tmp_path, n=4)
+    rows[0]["DOSE"] = ""  # a DMSO control: no dose needed
+    _write_csv(tmp_path / "ok.csv", rows)
+    s = convert("cellflux", tmp_path / "ok.csv", tmp_path / "ok")
+    assert s["splits"] == {"train": 4}
+    rows[2]["DOSE"] = ""  # a treated row (taxol): a missing dose must not become 0.0
+    _write_csv(tmp_path / "bad.csv", rows)
+    with pytest.raises(ConvertError, match=r"bad\.csv, row 4, column DOSE: the dose of a non-control row is empty"):
+        convert("cellflux", tmp_path / "bad.csv", tmp_path / "out")
+    rows[2]["DOSE"] = "high"
+    _write_csv(tmp_path / "bad2.csv", rows)
+    with pytest.raises(ConvertError, match=r"bad2\.csv, row 4, column DOSE: dose 'high' is not a number"):
+        convert("cellflux", tmp_path / "bad2.csv", tmp_path / "out")
+    # MiT: a perturbation_id_with_dose without a parsable dose is an error; siRNA CSVs without one keep 0.0.
+    mit = [{"path": "x.npy", "experiment_id": "e", "perturbation_id": "taxol", "perturbation_id_with_dose": "taxol_",
+            "split": "train"}]
+    _write_csv(tmp_path / "mit.csv", mit)
+    with pytest.raises(ConvertError, match="mit\\.csv, row 2, column perturbation_id_with_dose"):
+        convert("mit", tmp_path / "mit.csv", tmp_path / "out")
+    np.save(tmp_path / "x.npy", _images(1)[0])
+    _write_csv(tmp_path / "sirna.csv", [{"path": "x.npy", "experiment_id": "e", "perturbation_id": "sirna_1",
+                                         "split": "train"}])
+    convert("mit", tmp_path / "sirna.csv", tmp_path / "sirna", label_with_dose=True)
+    _, got = _read_all(tmp_path / "sirna")
+    assert got["x"][1]["dose"] == 0.0 and got["x"][1]["perturbation"] == "sirna_1"
+
+
 def _bad_fixture(tmp_path):
     imgs = _images(5)
     np.save(tmp_path / "ok0.npy", imgs[0])
@@ -194,3 +268,11 @@ def test_cli_convert_prints_counts(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["splits"] == {"ood": 1, "train": 2} and summary["shards"] == {"ood": 1, "train": 2}
     assert summary["label_counts"]["train"]["perturbation"] == {"control": 1, "g": 1}
+    # --label-with-dose reaches the converter.
+    _write_csv(tmp_path / "d.csv", [{"path": f"{i}.npy", "perturbation": "control" if i == 0 else "g",
+                                     "dose": "" if i == 0 else i} for i in range(3)])
+    args = parser.parse_args(["data", "convert", "generic", "--csv", str(tmp_path / "d.csv"), "--out",
+                              str(tmp_path / "out2"), "--label-with-dose"])
+    assert args.func(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["label_counts"]["train"]["perturbation"] == {"control": 1, "g_1": 1, "g_2": 1}

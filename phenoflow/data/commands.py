@@ -42,7 +42,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
     summary = convert(args.layout, args.csv, args.out, image_root=args.images, samples_per_shard=args.samples_per_shard,
                       encoding=args.encoding, workers=args.workers, channels=args.channels,
-                      bad_sample_policy=args.bad_sample_policy, seed=args.seed, image_size=args.image_size)
+                      bad_sample_policy=args.bad_sample_policy, seed=args.seed, image_size=args.image_size,
+                      label_with_dose=args.label_with_dose)
     print(json.dumps(summary, indent=1))
     return 0
 
@@ -100,6 +101,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--image-size", type=int, default=0, help="expected image size (0 = from the first image)")
     p.add_argument("--bad-sample-policy", default="error", choices=["error", "skip"])
     p.add_argument("--seed", type=int, default=0, help="seed of the row shuffle before sharding")
+    p.add_argument("--label-with-dose", action="store_true",
+                   help="a compound at each dose is its own perturbation class (label <name>_<dose>; MiT layout: "
+                        "perturbation_id_with_dose), as the MiT code conditions BBBC021")
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("plan", help="bytes, shard count, per-GPU read rate and epoch time for a data set")

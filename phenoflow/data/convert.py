@@ -11,7 +11,11 @@ Layouts:
             images as .npy, .png or .tif/.tiff.
 
 Every split is kept as written (lower-cased). Control rows (STATE 0/control/ctrl, or a perturbation named in
-`control_names`) get the canonical perturbation name "control"; the source name is kept in `source_perturbation`.
+`control_names`) get the canonical perturbation name "control"; the source name is kept in `source_perturbation`
+and `compound`. With label_with_dose=True non-control labels carry the dose ("<name>_<dose:g>"; MiT: the
+perturbation_id_with_dose value). Doses: when the CSV has a dose column (DOSE / dose / a perturbation_id_with_dose
+that claims one), an empty or unparseable dose of a non-control row is a ConvertError naming CSV, row and column;
+layouts without one (siRNA) get dose 0.0.
 Rows are shuffled within each split by `seed` before sharding (so every shard is a random sample of its split,
 which the shard-level shuffle of the loaders relies on); `shuffle=False` keeps CSV order.
 Images: uint8 HWC (CHW with C in 3/4/6 is transposed; 2-D is one channel). Integer images in [0, 255] and float
@@ -80,16 +84,27 @@ def _need(row: dict[str, str], cols: Sequence[str], csv_path: Path, line: int) -
     raise ConvertError(f"{csv_path}, row {line}: missing column {' or '.join(cols)}")
 
 
-def _dose(value: str | None, csv_path: Path, line: int) -> float:
-    if value is None or value == "":
+def _dose(value: str | None, csv_path: Path, line: int, column: str = "dose", required: bool = False) -> float:
+    """The dose of a row. Empty is 0.0 (not applicable) unless `required` (a non-control row of a layout whose
+    CSV has a dose column), where it is an error: a missing dose must not silently become 0.0."""
+    if value is None or str(value).strip() == "":
+        if required:
+            raise ConvertError(f"{csv_path}, row {line}, column {column}: the dose of a non-control row is empty")
         return 0.0
     try:
         d = float(value)
     except ValueError:
-        raise ConvertError(f"{csv_path}, row {line}: dose {value!r} is not a number") from None
+        raise ConvertError(f"{csv_path}, row {line}, column {column}: dose {value!r} is not a number") from None
     if not np.isfinite(d) or d < 0:
-        raise ConvertError(f"{csv_path}, row {line}: dose {value!r} must be a finite number >= 0")
+        raise ConvertError(f"{csv_path}, row {line}, column {column}: dose {value!r} must be a finite number >= 0")
     return d
+
+
+def _label(name: str, is_control: bool, dose: float, with_dose: bool, has_dose: bool) -> str:
+    """The perturbation label: "control", the name, or with `with_dose` (and a dose column) "<name>_<dose:g>"."""
+    if is_control:
+        return CONTROL
+    return f"{name}_{dose:g}" if with_dose and has_dose else name
 
 
 def sanitize_key(key: str) -> str:
@@ -112,7 +127,8 @@ def cellflux_candidates(key: str) -> list[str]:
     return out
 
 
-def rows_cellflux(csv_path: Path, root: Path, control_names: Sequence[str]) -> list[dict[str, Any]]:
+def rows_cellflux(csv_path: Path, root: Path, control_names: Sequence[str],
+                  label_with_dose: bool = False) -> list[dict[str, Any]]:
     out = []
     ctrl = {c.lower() for c in control_names}
     for line, r in enumerate(_read_csv(csv_path), start=2):
@@ -127,37 +143,49 @@ def rows_cellflux(csv_path: Path, root: Path, control_names: Sequence[str]) -> l
         is_control = state in CONTROL_STATES if state else cpd.lower() in ctrl
         is_control = is_control or cpd.lower() in ctrl
         cell = r.get("CELL_TYPE") or (key.split("-", 1)[0] if "-" in key else "unknown")
+        has_dose = "DOSE" in r  # BBBC021 has a DOSE column; RxRx1 (siRNA) has none and keeps dose 0.0
+        dose = _dose(r.get("DOSE"), csv_path, line, "DOSE", required=has_dose and not is_control)
         out.append({"line": line, "path": path, "source_key": key,
                     "split": _need(r, ["SPLIT"], csv_path, line).strip().lower(),
-                    "perturbation": CONTROL if is_control else cpd, "source_perturbation": cpd,
+                    "perturbation": _label(cpd, is_control, dose, label_with_dose, has_dose),
+                    "source_perturbation": cpd, "compound": cpd,
                     "experiment": _need(r, ["BATCH", "PLATE"], csv_path, line), "cell_type": cell,
-                    "dose": _dose(r.get("DOSE"), csv_path, line), "smiles": r.get("SMILES") or None,
-                    "is_control": is_control})
+                    "dose": dose, "smiles": r.get("SMILES") or None, "is_control": is_control})
     return out
 
 
-def rows_mit(csv_path: Path, root: Path, control_names: Sequence[str]) -> list[dict[str, Any]]:
+def rows_mit(csv_path: Path, root: Path, control_names: Sequence[str],
+             label_with_dose: bool = False) -> list[dict[str, Any]]:
     out = []
     ctrl = {c.lower() for c in control_names}
     for line, r in enumerate(_read_csv(csv_path), start=2):
         rel = _need(r, ["path"], csv_path, line)
         pert = _need(r, ["perturbation_id"], csv_path, line)
-        dose = r.get("dose")
-        pwd = r.get("perturbation_id_with_dose") or ""
-        if not dose and pwd.startswith(pert + "_"):  # "<perturbation>_<dose>"
-            tail = pwd[len(pert) + 1:]
+        dose, column = r.get("dose"), "dose"
+        pwd = (r.get("perturbation_id_with_dose") or "").strip()
+        if not dose and pwd:  # "<perturbation>_<dose>"
+            column = "perturbation_id_with_dose"
+            tail = pwd[len(pert) + 1:] if pwd.startswith(pert + "_") else ""
             dose = tail if re.fullmatch(r"[0-9.eE+-]+", tail) else None
         is_control = pert.lower() in ctrl
+        # A dose is required for non-control rows when the CSV has a dose column or a perturbation_id_with_dose
+        # that differs from perturbation_id (it claims a dose); otherwise (siRNA) the dose is 0.0.
+        has_dose = "dose" in r or bool(pwd and pwd != pert)
+        d = _dose(dose, csv_path, line, column, required=has_dose and not is_control)
+        label = _label(pert, is_control, d, label_with_dose, has_dose)
+        if label_with_dose and pwd and not is_control:
+            label = pwd  # the MiT code's own class name for the compound at this dose
         out.append({"line": line, "path": root / rel, "source_key": Path(rel).with_suffix("").as_posix(),
                     "split": _need(r, ["split", "SPLIT"], csv_path, line).strip().lower(),
-                    "perturbation": CONTROL if is_control else pert, "source_perturbation": pert,
+                    "perturbation": label, "source_perturbation": pert, "compound": pert,
                     "experiment": _need(r, ["experiment_id"], csv_path, line),
-                    "cell_type": r.get("cell_type") or "unknown", "dose": _dose(dose, csv_path, line),
+                    "cell_type": r.get("cell_type") or "unknown", "dose": d,
                     "smiles": r.get("smiles") or None, "is_control": is_control})
     return out
 
 
-def rows_generic(csv_path: Path, root: Path, control_names: Sequence[str]) -> list[dict[str, Any]]:
+def rows_generic(csv_path: Path, root: Path, control_names: Sequence[str],
+                 label_with_dose: bool = False) -> list[dict[str, Any]]:
     out = []
     ctrl = {c.lower() for c in control_names}
     for line, r in enumerate(_read_csv(csv_path), start=2):
@@ -165,12 +193,14 @@ def rows_generic(csv_path: Path, root: Path, control_names: Sequence[str]) -> li
         pert = _need(r, ["perturbation"], csv_path, line)
         flag = str(r.get("is_control", "")).strip().lower()
         is_control = flag in ("1", "true", "yes") if flag else pert.lower() in ctrl
+        has_dose = "dose" in r
+        dose = _dose(r.get("dose"), csv_path, line, "dose", required=has_dose and not is_control)
         out.append({"line": line, "path": root / rel, "source_key": r.get("key") or Path(rel).with_suffix("").as_posix(),
                     "split": (r.get("split") or "train").strip().lower(),
-                    "perturbation": CONTROL if is_control else pert, "source_perturbation": pert,
+                    "perturbation": _label(pert, is_control, dose, label_with_dose, has_dose),
+                    "source_perturbation": pert, "compound": pert,
                     "experiment": r.get("experiment") or "exp_01", "cell_type": r.get("cell_type") or "unknown",
-                    "dose": _dose(r.get("dose"), csv_path, line), "smiles": r.get("smiles") or None,
-                    "is_control": is_control})
+                    "dose": dose, "smiles": r.get("smiles") or None, "is_control": is_control})
     return out
 
 
@@ -263,8 +293,12 @@ def convert(layout: str, csv_path: str | Path, out_dir: str | Path, *, image_roo
             samples_per_shard: int = 1024, encoding: str = "raw", workers: int = 1,
             channels: str | Sequence[str] | None = None, bad_sample_policy: str = "error", seed: int = 0,
             shuffle: bool = True, image_size: int = 0, control_names: Sequence[str] = CONTROL_NAMES,
-            vocab_from: str | Path | None = None) -> dict[str, Any]:
+            vocab_from: str | Path | None = None, label_with_dose: bool = False) -> dict[str, Any]:
     """Convert a layout to shards in out_dir; returns a summary with counts per split and label and skips.
+
+    label_with_dose: a compound at each dose is its own perturbation class, as in the MiT code's BBBC021
+    conditioning: non-control labels become "<name>_<dose:g>" (MiT layout: the perturbation_id_with_dose value
+    when present); the name stays in `compound`, the dose in `dose`. Layouts without a dose keep the name.
 
     vocab_from: a shard folder whose vocabularies must be used (labels outside them are an error), e.g. to
     convert finetuning data with a pretraining run's vocabularies.
@@ -276,7 +310,7 @@ def convert(layout: str, csv_path: str | Path, out_dir: str | Path, *, image_roo
         raise ConvertError(f"bad_sample_policy={bad_sample_policy!r} must be 'error' or 'skip'")
     csv_path, out = Path(csv_path), Path(out_dir)
     root = Path(image_root) if image_root else csv_path.parent
-    rows = LAYOUTS[layout](csv_path, root, control_names)
+    rows = LAYOUTS[layout](csv_path, root, control_names, label_with_dose)
     # Keys: sanitised and unique.
     seen: dict[str, int] = {}
     for r in rows:

@@ -172,7 +172,12 @@ def _collate(loader: ShardLoader, chunk: list[tuple[torch.Tensor | np.ndarray, d
     for img, m in chunk:
         try:
             lab = {g: vocabs[g].index(str(m[g])) for g in LABEL_GROUPS}
-            d = float(m.get("dose") or 0.0)
+            missing = [f for f in ("dose", "is_control") if f not in m]
+            if missing:
+                raise KeyError(f"metadata lacks {missing}")
+            if m["dose"] is None:
+                raise ValueError("dose is null")
+            d = float(m["dose"])
             if not np.isfinite(d):
                 raise ValueError(f"dose {d} is not finite")
         except (KeyError, ValueError) as e:
@@ -185,7 +190,7 @@ def _collate(loader: ShardLoader, chunk: list[tuple[torch.Tensor | np.ndarray, d
         for g in LABEL_GROUPS:
             labels[g].append(lab[g])
         dose.append(d)
-        ctrl.append(bool(m.get("is_control", False)))
+        ctrl.append(bool(m["is_control"]))
         keys.append(str(m["key"]))
     c, h, w = loader.dataset.shape[2], *loader.dataset.shape[:2]
     if not keep:

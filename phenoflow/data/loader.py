@@ -242,9 +242,19 @@ class ShardBatches(Dataset):
                         lab[grp] = self.vocabs[grp].index(str(meta[grp]))
                     except (KeyError, ValueError) as e:
                         raise ShardError(f"shard {self._shard_name(g)}, key {meta.get('key')}: {e}") from None
-                d = float(meta.get("dose") or 0.0)
+                # The writer always records dose and is_control; a missing one is damage, not dose 0.0.
+                for field in ("dose", "is_control"):
+                    if field not in meta:
+                        raise ShardError(f"shard {self._shard_name(g)}, key {meta.get('key')}: metadata lacks "
+                                         f"{field!r}")
+                try:
+                    d = float(meta["dose"])
+                except (TypeError, ValueError):
+                    raise ShardError(f"shard {self._shard_name(g)}, key {meta.get('key')}: dose {meta['dose']!r} "
+                                     "is not a number") from None
                 if not np.isfinite(d):
                     raise ShardError(f"shard {self._shard_name(g)}, key {meta.get('key')}: dose {d} is not finite")
+                c = bool(meta["is_control"])
             except ShardError as e:
                 if self.policy == "error" or isinstance(e, MissingShardError):
                     raise
@@ -253,7 +263,7 @@ class ShardBatches(Dataset):
             images[n] = img
             for grp in LABEL_GROUPS:
                 labels[grp][n] = lab[grp]
-            dose[n], ctrl[n] = d, bool(meta.get("is_control", False))
+            dose[n], ctrl[n] = d, c
             keys.append(str(meta["key"]))
             n += 1
         if self.channels_last:  # (B, C, H, W) view of the HWC buffer: torch's channels_last layout, no copy

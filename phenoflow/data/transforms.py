@@ -1,7 +1,9 @@
 """On-device image transforms shared by the trainer, evaluation and both loader backends.
 
 Encoding (paper): uint8 [0, 255] -> float [-1, 1] by x / 127.5 - 1; decoding x * 127.5 + 128, clipped to uint8
-(+128 rather than +127.5 rounds to the nearest level under truncation). Augmentation (paper): random horizontal
+(+128 as in the paper's code: for an undequantised image it recovers the level exactly under truncation; on
+dequantised values k/127.5 - 1 + U[0,1)/128 it gives k + 1 about half the time, a bias of half a level that we
+keep for parity with the published numbers). Augmentation (paper): random horizontal
 and vertical flips per sample, then uniform dequantisation x + U[0, 1) / 128 (one grey level is 2/255 ~ 1/128 wide
 on [-1, 1]). All randomness comes from a caller-owned torch.Generator, so a resumed trainer reproduces it.
 """

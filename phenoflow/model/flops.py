@@ -4,7 +4,7 @@ Per image forward, in multiply-accumulates (MAC), with N tokens of width D, dept
     linear layers  N * L * (3 + 1 + 2 r) D^2          (qkv, attention projection, MLP)
     attention      L * 2 N^2 D                          (Q K^T and A V)
     long skips     N * (L/2) * 2 D^2                    (Linear(2D -> D) per merge)
-    embed/final    N * p^2 C D * 2;  adaLN  L * 6 D^2 + 2 D^2 per image
+    embed/final    N * p^2 C D * 2;  per image: adaLN  L * 6 D^2 + 2 D^2, time MLP 256 D + D^2
 Training = forward + backward = 3 x forward; 2 FLOP per MAC.  MiT-XL/2 at 96x96x6: about 8.7 TFLOP/image.
 MFU is reported against 989 TFLOP/s (H100 dense bf16 peak), by this full count.
 """
@@ -22,7 +22,8 @@ def forward_macs(shape) -> dict[str, float]:
         "attention": L * 2 * N * N * D,
         "skip": N * skips * 2 * D * D,
         "embed_final": 2 * N * pix * D,
-        "adaln": L * 6 * D * D + 2 * D * D + 3 * D * D,
+        "adaln": L * 6 * D * D + 2 * D * D,
+        "time_mlp": 256 * D + D * D,
     }
 
 

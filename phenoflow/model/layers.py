@@ -51,7 +51,9 @@ def skip_merge(x: torch.Tensor, skip: torch.Tensor, weight: torch.Tensor, bias: 
 def attention(qkv: torch.Tensor, num_heads: int, backend: str = "auto", kernels: str = "torch") -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v per head. qkv (B, N, 3D) as the qkv Linear writes it -> (B, N, D).
 
-    `backend`: auto (flash-attn if installed and usable, else SDPA), flash_attn, sdpa, math.
+    `backend`: sdpa or auto (torch's scaled_dot_product_attention, which picks its flash, cuDNN or
+    memory-efficient kernel), flash_attn (the flash-attn package), math (explicit fp32 softmax). With
+    kernels="triton", `phenoflow.kernels.attention` decides, and "auto" there prefers flash-attn when installed.
     """
     if kernels == "triton" or backend == "flash_attn":
         from phenoflow.kernels.attention import attention as attn

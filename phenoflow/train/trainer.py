@@ -156,7 +156,7 @@ class Trainer:
     def _rank_state(self) -> dict:
         """This rank's share of a native checkpoint: EMA pieces, loader position, counters."""
         return {"ema": self.ema.state_dict(), "loader": self.loader.state_dict(), "samples_seen": self.samples_seen,
-                "nonfinite_total": self.nonfinite_total}
+                "nonfinite_total": self.nonfinite_total, "nonfinite_in_row": self.nonfinite_in_row}
 
     def state_dict(self) -> dict | None:
         """The consolidated checkpoint (collective; the dict on rank 0, None elsewhere)."""
@@ -168,7 +168,7 @@ class Trainer:
             return None
         return {"format": self.CONSOLIDATED_FORMAT, "model": full["model"], "optimizer": full["optimizer"],
                 "ema": ema, "loader": loaders, "samples_seen": self.samples_seen,
-                "nonfinite_total": self.nonfinite_total, "layout": eng.native_signature(), "config": to_dict(self.cfg)}
+                "nonfinite_total": self.nonfinite_total, "nonfinite_in_row": self.nonfinite_in_row, "layout": eng.native_signature(), "config": to_dict(self.cfg)}
 
     def save(self, path: Path | None = None) -> None:
         """Checkpoint; every rank calls it. Sharded engines first write their native checkpoint (each rank its
@@ -206,6 +206,7 @@ class Trainer:
                 self.loader.load_state_dict(st["loader"])
                 self.samples_seen = int(st["samples_seen"])
                 self.nonfinite_total = int(st.get("nonfinite_total", 0))
+                self.nonfinite_in_row = int(st.get("nonfinite_in_row", 0))
                 return True
         if not self.ckpt_path.is_file():
             return False
@@ -228,6 +229,7 @@ class Trainer:
         self.loader.load_state_dict(carry_loader_state(state["loader"], self.loader, eng.rank))
         self.samples_seen = int(state["samples_seen"])
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        self.nonfinite_in_row = int(state.get("nonfinite_in_row", 0))
 
     def export(self) -> Path:
         """Raw and EMA weights (full, fp32) as safetensors plus the resolved config as JSON: loadable in a
