@@ -79,7 +79,7 @@ def test_kernel_distance_subsets():
     rng = np.random.default_rng(3)
     x, y = rng.standard_normal((30, 4)), rng.standard_normal((20, 4)) + 1.0
     # subset_size capped at the smaller set; with one subset covering all of y, KD equals MMD on (subset of x, y)
-    m, s = kernel_distance(x, y, subsets=5, subset_size=1000, seed=0)
+    m, s = kernel_distance(x, y, subsets=5, subset_size=100, seed=0)
     r = np.random.default_rng(0)
     vals = []
     for _ in range(5):
@@ -88,6 +88,19 @@ def test_kernel_distance_subsets():
     # same distribution -> near 0; shifted -> clearly positive
     same, _ = kernel_distance(rng.standard_normal((200, 4)), rng.standard_normal((200, 4)), subsets=20)
     assert abs(same) < 0.02 < m
+
+
+def test_kernel_distance_defaults_are_100_subsets_of_100():
+    # MiT's torch-fidelity settings (kid_subsets=100, kid_subset_size=100): 100 subsets of min(100, n) rows
+    rng = np.random.default_rng(6)
+    x, y = rng.standard_normal((150, 3)), rng.standard_normal((120, 3)) + 0.3
+    m, s = kernel_distance(x, y, seed=1)
+    r = np.random.default_rng(1)
+    vals = [mmd2_unbiased(x[r.choice(150, 100, replace=False)], y[r.choice(120, 100, replace=False)])
+            for _ in range(100)]
+    assert m == pytest.approx(np.mean(vals), rel=1e-10) and s == pytest.approx(np.std(vals), rel=1e-8)
+    # capped at the smallest set: 60 rows each, the whole of both sets, one evaluation (std 0)
+    assert kernel_distance(x[:60], y[:60]) == (pytest.approx(mmd2_unbiased(x[:60], y[:60]), rel=1e-12), 0.0)
 
 
 def test_streamed_equals_one_shot_and_merge():
@@ -115,9 +128,10 @@ def test_standardized_stats_equal_stats_of_standardized_features(tmp_path):
     b = FeatureStats.from_features(standardize(gen, mean, std))
     torch.testing.assert_close(a.mean, b.mean)
     torch.testing.assert_close(a.cov, b.cov)
-    a.save(tmp_path / "s.safetensors")
-    c = FeatureStats.load(tmp_path / "s.safetensors")
+    a.save(tmp_path / "sub" / "s.safetensors", meta={"split": "val"})
+    c = FeatureStats.load(tmp_path / "sub" / "s.safetensors")
     assert c.count == a.count and torch.equal(c.outer, a.outer)
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["s.safetensors"]  # no temporary file left behind
 
 
 def test_bad_input_is_named():

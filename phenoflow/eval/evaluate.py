@@ -1,15 +1,16 @@
 """`evaluate(cfg, run_dir)`: checkpoint -> generate (solver + guidance) -> features -> metrics -> report.
 
 For every guidance strength w in cfg.eval.guidance, one image is generated per real image of the eval split (same
-labels), saved with its labels to report_dir/samples/w<w>.npz, featurised with each set in cfg.eval.features and
-compared with the real images' features:
+labels; control images are neither generated nor scored unless eval.include_controls, as in the MiT RxRx1
+protocol), saved with its labels to report_dir/samples/w<w>.npz, featurised with each set in cfg.eval.features
+and compared with the real images' features:
   FD  Fréchet distance from streamed float64 statistics (summed over ranks when torch.distributed is initialised);
-  KD  unbiased MMD^2, cubic kernel, 100 subsets of min(1000, n) (reported x 1000).
+  KD  unbiased MMD^2, cubic kernel, 100 subsets of min(100, n) (reported x 1000; MiT's torch-fidelity settings).
 Morphology features are z-scored with the real set's mean and std (std floored at 1% of the feature's scale) and
 soft-clipped at +-10 before both (their raw scales differ by orders of magnitude); network features are used raw,
 as FID/KID conventionally are.
-Real features are cached in run_dir/eval_cache, keyed by a hash of the data manifest, split, image cap, feature set
-and weights file, so a sweep or a rerun featurises the real images once.
+Real features are cached in run_dir/eval_cache, keyed by a hash of the data manifest, split, image cap,
+include_controls, feature set and weights file, so a sweep or a rerun featurises the real images once.
 With several ranks each rank generates the disjoint part of the split its loader yields; features are gathered and
 ordered by sample key, so the metrics do not depend on the number of ranks.
 """
@@ -137,26 +138,44 @@ def _vocab_names(manifest: dict, group: str) -> list[str]:
     return Vocab.from_json(v).names if v is not None else []
 
 
-def _real_batches(cfg: Config, data_dir: Path, rank: int, world: int) -> list[dict[str, Any]]:
-    """Every sample of the eval split (this rank's part) in manifest order, at most eval.max_images overall."""
+def _select(batch: dict[str, Any], idx: list[int]) -> dict[str, Any]:
+    """Rows idx of a loader batch (tensors indexed, lists such as "key" picked)."""
+    rows = torch.tensor(idx, dtype=torch.long)
+    return {k: (v[rows] if isinstance(v, torch.Tensor) else [v[i] for i in idx]) for k, v in batch.items()}
+
+
+def _real_batches(cfg: Config, data_dir: Path, rank: int,
+                  world: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(scored, read): the eval split's samples (this rank's part) in manifest order.
+
+    scored: the samples that are generated and scored: non-control images only unless eval.include_controls (the
+    MiT RxRx1 protocol scores perturbed images only), at most eval.max_images of them overall.
+    read: every batch read, controls included, unfiltered (the source of the counterfactual ControlPool).
+    """
     from phenoflow.data.loader import ShardLoader
 
     loader = ShardLoader(data_dir, cfg.eval.split, cfg.eval.batch_size, rank=rank, world_size=world,
                          num_workers=cfg.data.num_workers, seed=0, shuffle=False, drop_last=False, infinite=False,
                          backend=cfg.data.backend, bad_sample_policy=cfg.data.bad_sample_policy)
     cap = cfg.eval.max_images // world if cfg.eval.max_images else 0  # per-rank share of the cap
-    batches, n = [], 0
+    batches, read, n = [], [], 0
     for b in loader:
         if cap and n >= cap:
             break
-        if cap and n + len(b["key"]) > cap:
-            m = cap - n
-            b = {k: (v[:m] if k != "key" else list(v)[:m]) for k, v in b.items()}
-        batches.append(b)
-        n += len(b["key"])
+        read.append(b)
+        idx = list(range(len(b["key"])))
+        if not cfg.eval.include_controls:
+            idx = [i for i in idx if not bool(b["is_control"][i])]
+        if cap:
+            idx = idx[:cap - n]
+        if not idx:
+            continue
+        batches.append(b if len(idx) == len(b["key"]) else _select(b, idx))
+        n += len(idx)
     if not batches:
-        raise ValueError(f"evaluation: split {cfg.eval.split!r} of {data_dir} yielded no samples on rank {rank}")
-    return batches
+        what = "samples" if cfg.eval.include_controls else "non-control samples (eval.include_controls=false)"
+        raise ValueError(f"evaluation: split {cfg.eval.split!r} of {data_dir} yielded no {what} on rank {rank}")
+    return batches, read
 
 
 def _cache_key(data_dir: Path, cfg: Config, name: str) -> str:
@@ -164,7 +183,8 @@ def _cache_key(data_dir: Path, cfg: Config, name: str) -> str:
     h.update((Path(data_dir) / "manifest.json").read_bytes())
     # A capped subset is taken per rank (max_images // world from each rank's part), so it depends on the world size.
     world = rank_world()[1] if cfg.eval.max_images else 1
-    h.update(f"{CACHE_VERSION}|{cfg.eval.split}|{cfg.eval.max_images}|{world}|{name}".encode())
+    controls = int(cfg.eval.include_controls)
+    h.update(f"{CACHE_VERSION}|{cfg.eval.split}|{cfg.eval.max_images}|{world}|{controls}|{name}".encode())
     if name != "morphology":
         p = Path(weights_path(name, cfg.eval))
         st = p.stat()
@@ -175,7 +195,9 @@ def _cache_key(data_dir: Path, cfg: Config, name: str) -> str:
 def real_features(name: str, images: torch.Tensor, keys: list[str], cfg: Config, data_dir: Path,
                   cache_dir: Path, device: torch.device) -> torch.Tensor:
     """Real-set features (all ranks, sorted by key), read from / written to the cache."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
+
+    from phenoflow.train.checkpoint import save_safetensors
 
     path = cache_dir / f"real_{name}_{_cache_key(data_dir, cfg, name)}.safetensors"
     if path.is_file():
@@ -184,10 +206,8 @@ def real_features(name: str, images: torch.Tensor, keys: list[str], cfg: Config,
     _, g = gather_by_key(keys, {"f": local})
     feats = g["f"]
     if rank_world()[0] == 0:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"features": feats.contiguous()}, str(tmp), metadata={"feature_set": name, "split": cfg.eval.split})
-        tmp.replace(path)
+        meta = {"feature_set": name, "split": cfg.eval.split, "include_controls": str(cfg.eval.include_controls)}
+        save_safetensors({"features": feats}, path, metadata=meta)  # temp file, fsync, rename
     return feats
 
 
@@ -204,7 +224,7 @@ def _prepare(name: str, real: torch.Tensor, gen: torch.Tensor) -> tuple[torch.Te
 
 
 def compare(name: str, real: torch.Tensor, gen_local: torch.Tensor, gen_keys: list[str],
-            kd_subsets: int = 100, kd_subset_size: int = 1000) -> tuple[dict[str, float], torch.Tensor]:
+            kd_subsets: int = 100, kd_subset_size: int = 100) -> tuple[dict[str, float], torch.Tensor]:
     """FD and KD (x1000) of one feature set. real: all ranks' features; gen_local: this rank's features.
 
     Returns (metrics, the gathered generated features sorted by key, after the same preparation as `real`).
@@ -229,7 +249,7 @@ def per_perturbation(name: str, real: torch.Tensor, real_pert: torch.Tensor, gen
         r, g = real[real_pert == p], gen[gen_pert == p]
         if len(r) < 2 or len(g) < 2:
             continue
-        kd, _ = kernel_distance(r, g, subsets=100, subset_size=1000)
+        kd, _ = kernel_distance(r, g, subsets=100, subset_size=100)
         label = names[p] if p < len(names) else str(p)
         out[label] = {"n_real": len(r), "n_generated": len(g), fd_name: frechet_distance(
             FeatureStats.from_features(r), FeatureStats.from_features(g)), kd_name: kd * KID_SCALE}
@@ -279,7 +299,7 @@ def evaluate(cfg: Config, run_dir: str | Path | None = None, model: torch.nn.Mod
     manifest = load_manifest(data_dir)
     pert_names = _vocab_names(manifest, "perturbation")
 
-    batches = _real_batches(cfg, data_dir, rank, world)
+    batches, read = _real_batches(cfg, data_dir, rank, world)
     real_images = torch.cat([b["image"] for b in batches])
     real_keys = [k for b in batches for k in b["key"]]
     real_pert = torch.cat([b["perturbation"] for b in batches])
@@ -289,7 +309,7 @@ def evaluate(cfg: Config, run_dir: str | Path | None = None, model: torch.nn.Mod
     controls = None
     if mode == "counterfactual":
         controls = ControlPool()
-        for b in batches:
+        for b in read:  # every batch read, controls included, whatever eval.include_controls
             controls.add_batch(b)
 
     features: dict[str, dict[str, Any]] = {}
@@ -339,6 +359,7 @@ def evaluate(cfg: Config, run_dir: str | Path | None = None, model: torch.nn.Mod
     if rank == 0:
         results = {
             "run_dir": str(run_dir), "split": cfg.eval.split, "num_real": n_real, "mode": mode, "seed": seed,
+            "include_controls": cfg.eval.include_controls,
             "solver": {"method": cfg.eval.solver, "rtol": cfg.eval.rtol, "atol": cfg.eval.atol,
                        "steps": cfg.eval.steps, "guidance_groups": list(cfg.eval.guidance_groups)},
             "world_size": world, "features": features, "features_skipped": skipped, "sweep": sweep,
@@ -355,6 +376,8 @@ def sample(cfg: Config, run_dir: str | Path | None = None, model: torch.nn.Modul
            data_dir: str | Path | None = None) -> Path:
     """Generate one image per real image of the eval split for each w and save them (no metrics).
 
+    As in evaluate(), control images are left out unless eval.include_controls (they still seed counterfactuals).
+
     Writes out_dir/w<w>.npz (gathered on rank 0 when distributed) and out_dir/grid_w<w>.png; returns out_dir.
     """
     from phenoflow.data.shards import load_manifest
@@ -368,11 +391,11 @@ def sample(cfg: Config, run_dir: str | Path | None = None, model: torch.nn.Modul
     model = model.to(device)
     data_dir = _data_dir(cfg, data_dir)
     pert_names = _vocab_names(load_manifest(data_dir), "perturbation")
-    batches = _real_batches(cfg, data_dir, rank, world)
+    batches, read = _real_batches(cfg, data_dir, rank, world)
     controls = None
     if mode == "counterfactual":
         controls = ControlPool()
-        for b in batches:
+        for b in read:  # every batch read, controls included, whatever eval.include_controls
             controls.add_batch(b)
     real_images = torch.cat([b["image"] for b in batches])
     real_pert = torch.cat([b["perturbation"] for b in batches])

@@ -138,18 +138,23 @@ def generate(model: torch.nn.Module, loader_batches: Iterable[Mapping[str, Any]]
 
 
 def save_samples(path: str | Path, images: torch.Tensor, labels: Mapping[str, Any], **meta: Any) -> Path:
-    """Save generated images + labels (+ scalar metadata such as w, nfe) as .npz (atomic), to recompute metrics."""
+    """Save generated images + labels (+ scalar metadata such as w, nfe) as .npz, to recompute metrics.
+
+    Written atomically (phenoflow.train.checkpoint._atomic: per-process temp file, fsync, rename)."""
+    from phenoflow.train.checkpoint import _atomic
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"images": images.numpy()}
     for k, v in labels.items():
         arrays[k] = np.asarray(v if k == "key" else v.numpy())
     for k, v in meta.items():
         arrays[f"meta_{k}"] = np.asarray(v)
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    tmp.replace(path)
-    return path
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to the temp file's name
+            np.savez_compressed(f, **arrays)
+
+    return _atomic(path, write)
 
 
 def load_samples(path: str | Path) -> tuple[torch.Tensor, dict[str, Any], dict[str, Any]]:

@@ -8,6 +8,7 @@ Conventions (as torch-fidelity / the KID paper, Binkowski et al. 2018):
   FD  = |mu_a - mu_b|^2 + tr(C_a) + tr(C_b) - 2 tr((C_a C_b)^(1/2)), covariances with the n - 1 normaliser.
   KD  = mean over `subsets` random subsets (without replacement, size min(subset_size, n_a, n_b)) of the
         unbiased MMD^2 with the polynomial kernel k(x, y) = (gamma <x, y> + coef)^degree, gamma = 1 / d.
+        Defaults: 100 subsets of 100, the settings the MiT public code passes to torch-fidelity's KID.
   Reports give KID x 1000 (the paper's tables); the functions here return the unscaled value.
 """
 from __future__ import annotations
@@ -106,16 +107,11 @@ class FeatureStats:
         return FeatureStats(self.dim, n, total, outer)
 
     def save(self, path: str | Path, meta: dict[str, str] | None = None) -> None:
-        """Atomic write as safetensors (used for cached reference statistics)."""
-        from safetensors.torch import save_file
+        """Atomic write as safetensors (phenoflow.train.checkpoint.save_safetensors: temp file, fsync, rename)."""
+        from phenoflow.train.checkpoint import save_safetensors
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tensors = {"count": torch.tensor([self.count], dtype=torch.int64), "total": self.total,
-                   "outer": self.outer.contiguous()}
-        save_file(tensors, str(tmp), metadata=meta or {})
-        tmp.replace(path)
+        tensors = {"count": torch.tensor([self.count], dtype=torch.int64), "total": self.total, "outer": self.outer}
+        save_safetensors(tensors, path, metadata=meta or {})
 
     @classmethod
     def load(cls, path: str | Path) -> FeatureStats:
@@ -179,11 +175,13 @@ def mmd2_unbiased(x: np.ndarray, y: np.ndarray, degree: int = 3, gamma: float | 
     return float(term_xx + term_yy - 2 * kxy.mean())
 
 
-def kernel_distance(feats_a, feats_b, subsets: int = 100, subset_size: int = 1000, degree: int = 3,
+def kernel_distance(feats_a, feats_b, subsets: int = 100, subset_size: int = 100, degree: int = 3,
                     gamma: float | None = None, coef: float = 1.0, seed: int = 0) -> tuple[float, float]:
     """KID-style kernel distance: (mean, std) over `subsets` of the unbiased MMD^2 (unscaled, not x 1000).
 
-    Each subset draws min(subset_size, n_a, n_b) rows of each set without replacement (numpy Generator(seed)).
+    Each subset draws min(subset_size, n_a, n_b) rows of each set without replacement (numpy Generator(seed));
+    the defaults, 100 subsets of 100, are what the MiT public code passes to torch-fidelity (kid_subsets=100,
+    kid_subset_size=100; torch-fidelity's and torchmetrics' own default subset size is 1000).
     When that is all rows of both sets, every subset gives the same value: it is computed once (std 0).
     """
     a = np.asarray(torch.as_tensor(feats_a).double().cpu())

@@ -114,6 +114,15 @@ def plot_sweep(results: dict[str, Any], path: Path) -> Path | None:
     return path
 
 
+def _controls(results: dict[str, Any]) -> str:
+    """The protocol's treatment of control images, for the report's first line."""
+    if "include_controls" not in results:
+        return "controls: not recorded"
+    if results["include_controls"]:
+        return "control images included: eval.include_controls=true"
+    return "control images excluded, as in the MiT RxRx1 protocol"
+
+
 def write_report(report_dir: str | Path, results: dict[str, Any]) -> Path:
     """Write metrics.json, metrics.md and guidance.png into report_dir (grids are written by the caller)."""
     report_dir = Path(report_dir)
@@ -128,8 +137,8 @@ def write_report(report_dir: str | Path, results: dict[str, Any]) -> Path:
         "# phenoflow evaluation report",
         "",
         (f"Run: `{results.get('run_dir', '')}`; split `{results.get('split', '')}` with "
-         f"{results.get('num_real', '?')} real images; one generated image per real image, with its labels "
-         f"({results.get('mode', 'generate')} mode)."),
+         f"{results.get('num_real', '?')} real images ({_controls(results)}); one generated image per real image, "
+         f"with its labels ({results.get('mode', 'generate')} mode)."),
         f"Sampler: {results.get('solver', {})}.",
         "",
         "## Guidance sweep",
@@ -139,7 +148,8 @@ def write_report(report_dir: str | Path, results: dict[str, Any]) -> Path:
         ("NFE: evaluations of the velocity field per solve (mean over batches); with guidance (w not 0 or 1) "
          "each evaluation is two network forwards, batched as one. "
          "KD/KID: unbiased MMD^2 with the cubic kernel (gamma = 1/d, coef 1) averaged over 100 subsets of "
-         f"min(1000, n) images, multiplied by {int(KID_SCALE)}."),
+         "min(100, n) images (as in the MiT code: torch-fidelity kid_subset_size=100), "
+         f"multiplied by {int(KID_SCALE)}."),
         "",
         "## Features used",
         "",
