@@ -373,8 +373,10 @@ def _demo() -> Config:
     c.data.image_size, c.data.channels = 32, 6
     c.data.num_perturbations, c.data.num_experiments = 4, 2
     c.data.train_images, c.data.val_images, c.data.samples_per_shard = 2048, 128, 512
-    c.train.batch_size, c.train.total_samples, c.train.lr = 64, 64 * 600, 1e-3
-    c.train.log_every_samples, c.train.ckpt_every_samples = 64 * 50, 64 * 200
+    # 1,200 steps of 32 (more updates beat larger batches at this budget: FD_morph 56 against 73 for 600 of 64).
+    c.train.batch_size, c.train.total_samples, c.train.lr = 32, 32 * 1200, 1e-3
+    c.train.log_every_samples, c.train.ckpt_every_samples = 32 * 100, 32 * 400
+    c.eval.ema_std = 0.05  # a short run: the wider average of the two tracked widths
     c.eval.solver, c.eval.steps, c.eval.batch_size = "heun", 20, 64
     c.eval.guidance = [1.0, 2.0]
     return c
