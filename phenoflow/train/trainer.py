@@ -132,7 +132,7 @@ class Trainer:
             self.data_dir, "train", self.micro_batch, rank=self.engine.rank, world_size=world,
             num_workers=cfg.data.num_workers, seed=t.seed, shuffle=True, drop_last=True, infinite=True,
             backend=cfg.data.backend, bad_sample_policy=cfg.data.bad_sample_policy,
-            shuffle_buffer=cfg.data.shuffle_buffer)
+            shuffle_buffer=cfg.data.shuffle_buffer, channels_last=cfg.data.channels_last)
         self.samples_seen = 0
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
