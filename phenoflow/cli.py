@@ -81,7 +81,6 @@ def build_parser() -> argparse.ArgumentParser:
     # Subcommands owned by their packages.
     from phenoflow.data import commands as data_commands
     from phenoflow.eval import commands as eval_commands
-
     from phenoflow.train import commands as train_commands
 
     data_commands.register(sub)

@@ -10,7 +10,7 @@ from phenoflow.kernels.attention import (
     attention_reference,
     flash_attn_usable,
 )
-from phenoflow.kernels.testing import compare_op
+from phenoflow.kernels.testing import check_op
 
 attn_mod = importlib.import_module("phenoflow.kernels.attention")  # the module (the package exports the function)
 
@@ -52,7 +52,7 @@ def test_reference_is_per_head_attention():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B,N,H,d", [(2, 37, 3, 24), (1, 11, 2, 72)])
 def test_backends_match_reference(backend, dtype, B, N, H, d):
-    compare_op(lambda qkv: attention(qkv, H, backend), lowp_composite(H), lambda qkv: attention_reference(qkv, H),
+    check_op(lambda qkv: attention(qkv, H, backend), lowp_composite(H), lambda qkv: attention_reference(qkv, H),
                [make_qkv(B, N, H, d, dtype)], ["qkv"], fp32_rtol=1e-5)
 
 
@@ -89,5 +89,5 @@ def test_backend_errors():
 @pytest.mark.parametrize("backend", ["auto", "sdpa"])
 @pytest.mark.parametrize("H,d", [(16, 72), (18, 64)])
 def test_backends_match_reference_cuda(backend, H, d):
-    compare_op(lambda qkv: attention(qkv, H, backend), lowp_composite(H), lambda qkv: attention_reference(qkv, H),
+    check_op(lambda qkv: attention(qkv, H, backend), lowp_composite(H), lambda qkv: attention_reference(qkv, H),
                [make_qkv(2, 2304, H, d, torch.bfloat16, device="cuda")], ["qkv"])

@@ -4,7 +4,14 @@ import sys
 
 import pytest
 
-from phenoflow.config import PRESETS, ConfigError, dump_yaml, load_yaml, parse_overrides, resolve
+from phenoflow.config import (
+    PRESETS,
+    ConfigError,
+    dump_yaml,
+    load_yaml,
+    parse_overrides,
+    resolve,
+)
 
 
 def test_every_preset_validates():
@@ -61,7 +68,7 @@ def test_yaml_unknown_field_names_file(tmp_path):
 
 
 def run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "phenoflow.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "phenoflow.cli", *args], capture_output=True, text=True, check=False,
                           cwd=cwd, timeout=120)
 
 

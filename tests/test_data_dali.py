@@ -18,7 +18,7 @@ def shards(request, tmp_path_factory):
     return out
 
 
-def _same(a, b, n):
+def check_same_batches(a, b, n):
     ia, ib = iter(a), iter(b)
     for _ in range(n):
         x, y = next(ia), next(ib)
@@ -32,7 +32,7 @@ def _same(a, b, n):
                          ids=["window", "ranks"])
 def test_same_batches_as_webdataset_backend(shards, kw):
     # 12 batches of 6 cross an epoch boundary for world_size=1 (13 batches per epoch) and several for 3.
-    _same(ShardLoader(shards, "train", 6, seed=4, **kw), ShardLoader(shards, "train", 6, seed=4, backend="dali", **kw),
+    check_same_batches(ShardLoader(shards, "train", 6, seed=4, **kw), ShardLoader(shards, "train", 6, seed=4, backend="dali", **kw),
           16)
 
 

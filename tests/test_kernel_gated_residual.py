@@ -13,7 +13,7 @@ from phenoflow.kernels.gated_residual import (
     gated_residual,
     gated_residual_reference,
 )
-from phenoflow.kernels.testing import compare_op
+from phenoflow.kernels.testing import check_op
 
 
 def make_inputs(B, N, D, dtype, device="cpu", seed=0):
@@ -39,7 +39,7 @@ def test_matches_reference(B, N, D, dtype, p):
     keep = dropout_keep_mask(seed, (B, N, D), p) if p > 0 else None
     if p == 0:
         assert dropout_keep_mask(seed, (B, N, D), 0.0).all()
-    compare_op(lambda x, y, gate: gated_residual(x, y, gate, p, seed=seed), torch_composite(keep, p),
+    check_op(lambda x, y, gate: gated_residual(x, y, gate, p, seed=seed), torch_composite(keep, p),
                lambda x, y, gate: gated_residual_reference(x, y, gate, p, keep), inputs, ["x", "y", "gate"])
 
 
@@ -120,5 +120,5 @@ def test_matches_reference_cuda(dtype, p):
     if keep is not None:
         rate = 1 - keep.float().mean().item()
         assert abs(rate - p) < 6 * math.sqrt(p * (1 - p) / keep.numel())
-    compare_op(lambda x, y, gate: gated_residual(x, y, gate, p, seed=seed), torch_composite(keep, p),
+    check_op(lambda x, y, gate: gated_residual(x, y, gate, p, seed=seed), torch_composite(keep, p),
                lambda x, y, gate: gated_residual_reference(x, y, gate, p, keep), inputs, ["x", "y", "gate"], fp32_rtol=1e-4)

@@ -9,7 +9,7 @@ from phenoflow.kernels.modulated_rmsnorm import (
     modulated_rmsnorm,
     modulated_rmsnorm_reference,
 )
-from phenoflow.kernels.testing import compare_op
+from phenoflow.kernels.testing import check_op
 
 EPS = 1e-6
 
@@ -36,14 +36,14 @@ def make_inputs(B, N, D, dtype, device="cpu", seed=0, strided=False):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B,N,D", [(3, 37, 72), (2, 5, 1152), (1, 1, 72)])
 def test_matches_reference(B, N, D, dtype):
-    compare_op(modulated_rmsnorm, torch_composite, modulated_rmsnorm_reference, make_inputs(B, N, D, dtype),
+    check_op(modulated_rmsnorm, torch_composite, modulated_rmsnorm_reference, make_inputs(B, N, D, dtype),
                ["x", "shift", "scale"])
 
 
 def test_fp16_and_strided_modulation():
-    compare_op(modulated_rmsnorm, torch_composite, modulated_rmsnorm_reference,
+    check_op(modulated_rmsnorm, torch_composite, modulated_rmsnorm_reference,
                make_inputs(2, 37, 72, torch.float16, strided=True), ["x", "shift", "scale"])
-    compare_op(modulated_rmsnorm, torch_composite, modulated_rmsnorm_reference,
+    check_op(modulated_rmsnorm, torch_composite, modulated_rmsnorm_reference,
                make_inputs(2, 11, 72, torch.float32, strided=True), ["x", "shift", "scale"])
 
 
@@ -84,5 +84,5 @@ def test_bad_shapes_raise():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B,N,D", [(16, 2304, 1152), (3, 37, 72), (5, 37, 1152)])
 def test_matches_reference_cuda(B, N, D, dtype):
-    compare_op(modulated_rmsnorm, torch_composite, modulated_rmsnorm_reference,
+    check_op(modulated_rmsnorm, torch_composite, modulated_rmsnorm_reference,
                make_inputs(B, N, D, dtype, device="cuda", strided=True), ["x", "shift", "scale"], fp32_rtol=1e-4)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from phenoflow.kernels.skip_merge import skip_merge, skip_merge_reference
-from phenoflow.kernels.testing import compare_op
+from phenoflow.kernels.testing import check_op
 
 sm_mod = importlib.import_module("phenoflow.kernels.skip_merge")  # the module (the package exports the function)
 
@@ -37,7 +37,7 @@ def make_inputs(B, N, D, dtype, device="cpu", seed=0, bias=True):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B,N,D", [(3, 37, 72), (1, 7, 1152)])
 def test_matches_reference(B, N, D, dtype):
-    compare_op(skip_merge, torch_composite, skip_merge_reference, make_inputs(B, N, D, dtype),
+    check_op(skip_merge, torch_composite, skip_merge_reference, make_inputs(B, N, D, dtype),
                ["x", "skip", "weight", "bias"])
 
 
@@ -45,14 +45,14 @@ def test_matches_reference(B, N, D, dtype):
 def test_alternative_triton_gemm_forward(dtype, monkeypatch):
     """The one-kernel Triton GEMM forward (FORWARD_GEMM = "triton") obeys the same rules."""
     monkeypatch.setattr(sm_mod, "FORWARD_GEMM", "triton")
-    compare_op(skip_merge, torch_composite, skip_merge_reference, make_inputs(2, 37, 72, dtype),
+    check_op(skip_merge, torch_composite, skip_merge_reference, make_inputs(2, 37, 72, dtype),
                ["x", "skip", "weight", "bias"])
 
 
 def test_no_bias_and_x_merged_with_itself():
     """The first merge pairs block 13's output with itself: gradients of both uses add up."""
     x, _, w, _ = make_inputs(2, 11, 72, torch.float32, bias=False)
-    compare_op(lambda x, w: skip_merge(x, x, w, None), lambda x, w: torch_composite(x, x, w, None),
+    check_op(lambda x, w: skip_merge(x, x, w, None), lambda x, w: torch_composite(x, x, w, None),
                lambda x, w: skip_merge_reference(x, x, w, None), [x, w], ["x", "weight"])
 
 
@@ -87,5 +87,5 @@ def test_bad_shapes_raise():
 @pytest.mark.parametrize("B,N,D", [(16, 2304, 1152), (3, 37, 72)])
 def test_matches_reference_cuda(B, N, D, dtype, gemm, monkeypatch):
     monkeypatch.setattr(sm_mod, "FORWARD_GEMM", gemm)
-    compare_op(skip_merge, torch_composite, skip_merge_reference, make_inputs(B, N, D, dtype, device="cuda"),
+    check_op(skip_merge, torch_composite, skip_merge_reference, make_inputs(B, N, D, dtype, device="cuda"),
                ["x", "skip", "weight", "bias"], fp32_rtol=1e-4)

@@ -48,8 +48,9 @@ def test_flop_model_matches_architecture_note():
 
 
 def tiny(**kw):
-    s = dict(image_size=16, in_channels=6, patch_size=4, depth=4, hidden_size=32, num_heads=4,
-             num_perturbations=5, num_experiments=2, num_cell_types=1, proj_dropout=0.0, label_dropout=0.0)
+    s = {"image_size": 16, "in_channels": 6, "patch_size": 4, "depth": 4, "hidden_size": 32, "num_heads": 4,
+         "num_perturbations": 5, "num_experiments": 2, "num_cell_types": 1, "proj_dropout": 0.0,
+         "label_dropout": 0.0}
     s.update(kw)
     return MiT(MiTShape(**s))
 

@@ -45,7 +45,7 @@ def forward_backward(fn, inputs: list[torch.Tensor], grad_out: torch.Tensor, dty
     return out.detach(), [None if t is None else t.grad for t in leaves]
 
 
-def compare_op(kernel_fn, torch_fn, ref_fn, inputs: list[torch.Tensor], names: list[str], seed: int = 0,
+def check_op(kernel_fn, torch_fn, ref_fn, inputs: list[torch.Tensor], names: list[str], seed: int = 0,
                fp32_rtol: float = 2e-5) -> None:
     """Forward and every input gradient of `kernel_fn` against the fp32 `ref_fn` (rule above).
 

@@ -18,10 +18,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
-from phenoflow.model.layers import attention, gated_residual, modulated_rmsnorm, skip_merge
+from phenoflow.model.layers import (
+    attention,
+    gated_residual,
+    modulated_rmsnorm,
+    skip_merge,
+)
 
 LABEL_GROUPS = ("perturbation", "experiment", "cell_type")
 

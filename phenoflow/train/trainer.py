@@ -30,8 +30,13 @@ from phenoflow.flow.couplings import minibatch_ot
 from phenoflow.flow.paths import build_path, sample_time
 from phenoflow.model.flops import mfu, train_flops_per_image
 from phenoflow.model.mit import LABEL_GROUPS, build_model
-from phenoflow.train.checkpoint import (ema_filename, load_checkpoint, save_checkpoint, save_safetensors,
-                                        write_json)
+from phenoflow.train.checkpoint import (
+    ema_filename,
+    load_checkpoint,
+    save_checkpoint,
+    save_safetensors,
+    write_json,
+)
 from phenoflow.train.ema import PowerFunctionEMA
 from phenoflow.train.engine import build_engine
 
@@ -60,6 +65,11 @@ def carry_loader_state(states: list[dict], loader: ShardLoader, rank: int) -> di
     batch = consumed // (loader.world_size * loader.batch_size)
     return {**cur, "epoch": epoch, "batch": batch, "samples_in_epoch": batch * loader.batch_size,
             "skipped": sum(int(s.get("skipped", 0)) for s in states)}
+
+
+def _crossed(before: int, after: int, every: int) -> bool:
+    """Whether a step from `before` to `after` samples crossed a multiple of `every`."""
+    return before // every != after // every
 
 
 class NonFiniteError(RuntimeError):
@@ -302,7 +312,7 @@ class Trainer:
 
     # ---- the loop --------------------------------------------------------------------------------------
     def fit(self) -> Path:
-        cfg, t_cfg, eng = self.cfg, self.cfg.train, self.engine
+        t_cfg, eng = self.cfg.train, self.engine
         resumed = self.try_resume()
         log = RunLog(self.run_dir, t_cfg.total_samples, self.samples_seen, eng.is_main)
         log.write({"event": "start", "resumed": resumed, "samples_seen": self.samples_seen,
@@ -334,11 +344,10 @@ class Trainer:
             for k in ("data", "forward", "backward", "step"):
                 window[k] += out[k]
             window["samples"] += t_cfg.batch_size
-            crossed = lambda every: before // every != self.samples_seen // every  # noqa: E731
             done = self.samples_seen >= t_cfg.total_samples
-            if crossed(t_cfg.log_every_samples) or done:
+            if _crossed(before, self.samples_seen, t_cfg.log_every_samples) or done:
                 self._log_window(log, window)
-            if crossed(t_cfg.ckpt_every_samples) and not done:
+            if _crossed(before, self.samples_seen, t_cfg.ckpt_every_samples) and not done:
                 self.save()
         self.save()
         out_dir = self.export()
