@@ -64,7 +64,7 @@ def train_cmd(out_dir, name, total):
 
 
 def test_sigkill_then_rerun_equals_uninterrupted(tmp_path):
-    total = 32 * 60
+    total = 32 * 100
     env = dict(os.environ, OMP_NUM_THREADS="1")
     ref = subprocess.run(train_cmd(tmp_path, "ref", total), capture_output=True, text=True, check=False, env=env, timeout=300)
     assert ref.returncode == 0, ref.stderr[-2000:]
