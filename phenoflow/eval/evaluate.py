@@ -21,7 +21,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -277,6 +277,37 @@ def _device(cfg: Config) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
 
 
+class _Setup(NamedTuple):
+    rank: int
+    world: int
+    device: torch.device
+    model: torch.nn.Module
+    data_dir: Path
+    manifest: dict
+    batches: list  # the rows to generate and score (controls left out unless eval.include_controls)
+    controls: ControlPool | None  # counterfactual mode: every control read, whatever eval.include_controls
+
+
+def _setup(cfg: Config, run_dir: Path, model, data_dir, mode: str) -> _Setup:
+    """What evaluate() and sample() share: rank, device, the model (default: the run's EMA export), the eval
+    split's real batches of this rank and, in counterfactual mode, the pool of control images."""
+    from phenoflow.data.shards import load_manifest
+
+    rank, world = rank_world()
+    device = _device(cfg)
+    if model is None:
+        model, _, _ = load_export(run_dir, cfg.eval.ema_std)
+    model = model.to(device)
+    data_dir = _data_dir(cfg, data_dir)
+    batches, read = _real_batches(cfg, data_dir, rank, world)
+    controls = None
+    if mode == "counterfactual":
+        controls = ControlPool()
+        for b in read:
+            controls.add_batch(b)
+    return _Setup(rank, world, device, model, data_dir, load_manifest(data_dir), batches, controls)
+
+
 def evaluate(cfg: Config, run_dir: str | Path | None = None, model: torch.nn.Module | None = None,
              report_dir: str | Path | None = None, mode: str = "generate", seed: int = 0,
              progress: bool = True, data_dir: str | Path | None = None) -> Path:
@@ -285,32 +316,20 @@ def evaluate(cfg: Config, run_dir: str | Path | None = None, model: torch.nn.Mod
     model: a built model to evaluate as is (default: the run's exported EMA weights, eval.ema_std);
     data_dir: a shard folder (default: phenoflow.data.prepare.prepare_data(cfg)); report_dir: default run_dir/report.
     """
-    from phenoflow.data.shards import load_manifest
-
     run_dir = Path(run_dir or cfg.run_dir)
     report_dir = Path(report_dir or run_dir / "report")
-    rank, world = rank_world()
-    device = _device(cfg)
-    if model is None:
-        model, _, _ = load_export(run_dir, cfg.eval.ema_std)
-    model = model.to(device)
-    data_dir = _data_dir(cfg, data_dir)
+    s = _setup(cfg, run_dir, model, data_dir, mode)
+    rank, world, device, model, data_dir, manifest, batches, controls = (
+        s.rank, s.world, s.device, s.model, s.data_dir, s.manifest, s.batches, s.controls)
     d = _dist()
-    manifest = load_manifest(data_dir)
     pert_names = _vocab_names(manifest, "perturbation")
 
-    batches, read = _real_batches(cfg, data_dir, rank, world)
     real_images = torch.cat([b["image"] for b in batches])
     real_keys = [k for b in batches for k in b["key"]]
     real_pert = torch.cat([b["perturbation"] for b in batches])
     _, gathered = gather_by_key(real_keys, {"p": real_pert})
     real_labels = gathered["p"]  # perturbation of every real image, in the (key-sorted) order of real features
     n_real = len(real_labels)
-    controls = None
-    if mode == "counterfactual":
-        controls = ControlPool()
-        for b in read:  # every batch read, controls included, whatever eval.include_controls
-            controls.add_batch(b)
 
     features: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
@@ -380,23 +399,11 @@ def sample(cfg: Config, run_dir: str | Path | None = None, model: torch.nn.Modul
 
     Writes out_dir/w<w>.npz (gathered on rank 0 when distributed) and out_dir/grid_w<w>.png; returns out_dir.
     """
-    from phenoflow.data.shards import load_manifest
-
     run_dir = Path(run_dir or cfg.run_dir)
     out_dir = Path(out_dir or run_dir / "samples")
-    rank, world = rank_world()
-    device = _device(cfg)
-    if model is None:
-        model, _, _ = load_export(run_dir, cfg.eval.ema_std)
-    model = model.to(device)
-    data_dir = _data_dir(cfg, data_dir)
-    pert_names = _vocab_names(load_manifest(data_dir), "perturbation")
-    batches, read = _real_batches(cfg, data_dir, rank, world)
-    controls = None
-    if mode == "counterfactual":
-        controls = ControlPool()
-        for b in read:  # every batch read, controls included, whatever eval.include_controls
-            controls.add_batch(b)
+    s = _setup(cfg, run_dir, model, data_dir, mode)
+    rank, device, model, batches, controls = s.rank, s.device, s.model, s.batches, s.controls
+    pert_names = _vocab_names(s.manifest, "perturbation")
     real_images = torch.cat([b["image"] for b in batches])
     real_pert = torch.cat([b["perturbation"] for b in batches])
     for w in cfg.eval.guidance:
