@@ -26,19 +26,24 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="shard folder (default: prepared from the config's data section)")
 
 
-def _launch_distributed() -> bool:
-    """Under torchrun (WORLD_SIZE > 1), start the process group (nccl on GPUs, else gloo); True if started here."""
+def _launch_distributed(cfg) -> bool:
+    """Under torchrun (WORLD_SIZE > 1), start the process group the way training does; True if started here."""
     import os
 
-    import torch
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return False
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    from phenoflow.train.engine import init_distributed
+
+    init_distributed(cfg)  # nccl on GPU (device set from LOCAL_RANK), gloo on CPU
     return True
+
+
+def _is_rank0() -> bool:
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _finish_distributed(started: bool) -> None:
@@ -55,7 +60,7 @@ def cmd_evaluate(args) -> int:
     if dry_run(cfg, args):
         return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    started = _launch_distributed()
+    started = _launch_distributed(cfg)
     try:
         return _evaluate_splits(cfg, args)
     finally:
@@ -69,7 +74,8 @@ def _evaluate_splits(cfg, args) -> int:
     if not args.splits:
         report = evaluate(cfg, args.run_dir, report_dir=args.report_dir, mode=args.mode, seed=args.seed,
                           data_dir=args.data_dir)
-        print(f"report: {report / 'metrics.md'}")
+        if _is_rank0():
+            print(f"report: {report / 'metrics.md'}")
         return 0
     # Several splits (e.g. seen and unseen perturbations): one report each, in REPORT_DIR/<split>.
     base = Path(args.report_dir) if args.report_dir else Path(args.run_dir or cfg.run_dir) / "report"
@@ -79,7 +85,8 @@ def _evaluate_splits(cfg, args) -> int:
         validate(cfg)
         report = evaluate(cfg, args.run_dir, report_dir=base / split, mode=args.mode, seed=args.seed,
                           data_dir=args.data_dir)
-        print(f"report ({split}): {report / 'metrics.md'}")
+        if _is_rank0():
+            print(f"report ({split}): {report / 'metrics.md'}")
     return 0
 
 
@@ -92,12 +99,13 @@ def cmd_sample(args) -> int:
     from phenoflow.eval.evaluate import sample
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    started = _launch_distributed()
+    started = _launch_distributed(cfg)
     try:
         out = sample(cfg, args.run_dir, out_dir=args.out, mode=args.mode, seed=args.seed, data_dir=args.data_dir)
     finally:
         _finish_distributed(started)
-    print(f"samples: {out}")
+    if _is_rank0():
+        print(f"samples: {out}")
     return 0
 
 
