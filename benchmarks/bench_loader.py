@@ -7,8 +7,9 @@ Rows (benchmarks/results/loader.csv, with device, commit, date):
   encoding   raw | png | npy (baseline)
   layout     contiguous (B, C, H, W) batches | channels_last (the webdataset backend's copy-free view)
   workers    DataLoader worker processes (0 = the main process; DALI: pipeline threads)
-  samples_per_s, samples_per_s_per_worker (divided by max(workers, 1)), speedup_vs_npy_files (the baseline
-  at the same worker count, measured in the same run), rss_mb_per_worker (largest resident set of a worker
+  samples_per_s (median of --rounds interleaved repetitions; _min/_max beside it), samples_per_s_per_worker
+  (divided by max(workers, 1)), speedup_vs_npy_files (median over rounds of the ratio to the baseline at the
+  same worker count measured in the same round), rss_mb_per_worker (largest resident set of a worker
   process, or of the main process for workers = 0, mid-run; includes pages shared with the parent, e.g.
   torch) and private_mb_per_worker (its unshared pages: what each further worker costs).
 The data are written just before they are read, so reads come from the page cache: this measures the loader's
@@ -124,9 +125,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--backends", nargs="+", default=["webdataset", "dali", "npy_files"])
     p.add_argument("--encodings", nargs="+", default=["raw", "png"])
+    p.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of every variant (median)")
     args = common.finish_args(p.parse_args(argv))
     if args.smoke:
-        args.images, args.batch, args.workers = 192, 32, [0]
+        args.images, args.batch, args.workers, args.rounds = 192, 32, [0], 1
+    import numpy as np
     import torch
     from torch.utils.data import DataLoader, RandomSampler
 
@@ -147,38 +150,48 @@ def main(argv: list[str] | None = None) -> list[dict]:
     try:
         data = _make_data(tmp, args.images, args.image_size, max(64, args.images // 8))
         max_batches = args.images // args.batch - 1
-        base_rate: dict[int, float] = {}
-        # The baseline first, so every shard row can carry its same-run ratio.
+        # The baseline first in every round, so each shard row has a same-round ratio.
         order = (["npy_files"] if "npy_files" in backends else []) + [b for b in backends if b != "npy_files"]
         variants = [(b, e, "contiguous") for b in order for e in (["npy"] if b == "npy_files" else args.encodings)]
         variants += [("webdataset", e, "channels_last") for e in args.encodings if "webdataset" in backends]
-        for backend, enc, layout in variants:
+        # Rounds interleave every variant, so machine noise (a shared VM's neighbours) falls on all of them alike;
+        # a row reports the median rate over rounds and the median of its per-round ratios to the baseline.
+        runs: dict[tuple, list[tuple[float, float, tuple[float, float]]]] = {}
+        for rnd in range(args.rounds):
             for w in args.workers:
-                rss: list[tuple[float, float]] = []
-                if backend == "npy_files":
-                    ds = NpyFiles(data["npy"])
-                    g = torch.Generator().manual_seed(0)
-                    it = iter(DataLoader(ds, batch_size=args.batch, sampler=RandomSampler(ds, generator=g),
-                                         num_workers=w))
-                else:
-                    it = iter(ShardLoader(data[enc], "train", args.batch, backend=backend,
-                                          num_workers=w, seed=0, infinite=False,
-                                          channels_last=layout == "channels_last"))
-                n, dt = _drain(it, max_batches, rss)
-                del it
-                rate = n / dt
-                if backend == "npy_files":
-                    base_rate[w] = rate
-                rows.append({"bench": NAME, "backend": backend, "encoding": enc, "layout": layout, "workers": w,
-                             "image_shape": f"{args.image_size}x{args.image_size}x6", "batch": args.batch,
-                             "samples": n, "seconds": dt, "samples_per_s": rate,
-                             "samples_per_s_per_worker": rate / max(w, 1),
-                             "speedup_vs_npy_files": rate / base_rate.get(w, float("nan")),
-                             "rss_mb_per_worker": rss[0][0] if rss else _rss_mb(),
-                             "private_mb_per_worker": rss[0][1] if rss else _private_mb(),
-                             "pipeline_device": "cuda" if backend == "dali" and torch.cuda.is_available() else "cpu",
-                             "page_cache": "warm", "smoke": args.smoke, **common.stamp(args.device),
-                             "cpu_cores": os.cpu_count()})
+                base = float("nan")
+                for backend, enc, layout in variants:
+                    rss: list[tuple[float, float]] = []
+                    if backend == "npy_files":
+                        ds = NpyFiles(data["npy"])
+                        g = torch.Generator().manual_seed(rnd)
+                        it = iter(DataLoader(ds, batch_size=args.batch, sampler=RandomSampler(ds, generator=g),
+                                             num_workers=w))
+                    else:
+                        it = iter(ShardLoader(data[enc], "train", args.batch, backend=backend,
+                                              num_workers=w, seed=rnd, infinite=False,
+                                              channels_last=layout == "channels_last"))
+                    n, dt = _drain(it, max_batches, rss)
+                    del it
+                    rate = n / dt
+                    if backend == "npy_files":
+                        base = rate
+                    mem = rss[0] if rss else (_rss_mb(), _private_mb())
+                    runs.setdefault((backend, enc, layout, w), []).append((rate, rate / base, mem))
+        for (backend, enc, layout, w), rs in runs.items():
+            rates = [r[0] for r in rs]
+            rate = float(np.median(rates))
+            rows.append({"bench": NAME, "backend": backend, "encoding": enc, "layout": layout, "workers": w,
+                         "image_shape": f"{args.image_size}x{args.image_size}x6", "batch": args.batch,
+                         "samples": args.batch * max_batches, "rounds": len(rs), "samples_per_s": rate,
+                         "samples_per_s_min": min(rates), "samples_per_s_max": max(rates),
+                         "samples_per_s_per_worker": rate / max(w, 1),
+                         "speedup_vs_npy_files": float(np.median([r[1] for r in rs])),
+                         "rss_mb_per_worker": max(r[2][0] for r in rs),
+                         "private_mb_per_worker": max(r[2][1] for r in rs),
+                         "pipeline_device": "cuda" if backend == "dali" and torch.cuda.is_available() else "cpu",
+                         "page_cache": "warm", "smoke": args.smoke, **common.stamp(args.device),
+                         "cpu_cores": os.cpu_count()})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     common.append_rows(NAME, rows, args.out)

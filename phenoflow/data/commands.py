@@ -66,6 +66,14 @@ def _cmd_index(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_labels(args: argparse.Namespace) -> int:
+    from .shards import rebuild_label_tables
+
+    n = rebuild_label_tables(args.folder)
+    print(f"{args.folder}: wrote {n} label tables")
+    return 0
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
     from .shards import verify_shards
 
@@ -118,10 +126,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_plan)
 
-    p = sub.add_parser("verify", help="check a shard folder: files, sizes, sha256 checksums, index counts")
+    p = sub.add_parser("verify", help="check a shard folder: files, sizes, sha256 checksums, index counts, label "
+                                      "tables against the json members")
     p.add_argument("folder")
-    p.add_argument("--no-checksums", action="store_true", help="skip the sha256 pass (sizes and counts only)")
+    p.add_argument("--no-checksums", action="store_true",
+                   help="skip the full pass (sha256, label tables vs json): sizes and counts only")
     p.set_defaults(func=_cmd_verify)
+
+    p = sub.add_parser("labels", help="(re)build each shard's label table from its json members (listed in the "
+                                      "manifest)")
+    p.add_argument("folder")
+    p.set_defaults(func=_cmd_labels)
 
     p = sub.add_parser("index", help="(re)build the DALI-compatible .idx file of WebDataset tars")
     p.add_argument("tars", nargs="+")

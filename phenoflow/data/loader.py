@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -34,19 +35,33 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .shards import (
+    ENCODINGS,
     EXT_TO_ENCODING,
     MissingShardError,
     ShardError,
     decode_image,
+    index_array,
     load_manifest,
     manifest_vocabs,
-    read_index,
+    read_label_table,
     split_shards,
 )
-from .vocab import LABEL_GROUPS, Vocab
+from .vocab import LABEL_GROUPS, UnknownLabelError, Vocab
 
 log = logging.getLogger("phenoflow.data")
 STATE_VERSION = 1
+_RAW_EXT = list(EXT_TO_ENCODING).index(ENCODINGS["raw"])  # ext code of raw images in the index arrays
+
+
+def _batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised uint8 batch. In a DataLoader worker it is allocated in shared memory, as torch's own
+    default_collate does, so handing the batch to the main process passes a file descriptor instead of copying
+    the whole batch into shared memory first."""
+    numel = int(np.prod(shape))
+    if torch.utils.data.get_worker_info() is not None:
+        storage = torch.empty(0, dtype=torch.uint8)._typed_storage()._new_shared(numel)
+        return torch.empty(0, dtype=torch.uint8).new(storage).resize_(*shape)
+    return torch.empty(shape, dtype=torch.uint8)
 
 
 def shard_order(num_shards: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
@@ -104,6 +119,71 @@ def batches_per_epoch(n: int, batch_size: int, rank: int, world_size: int, drop_
     return -(-part // batch_size)
 
 
+_json_decode = json.JSONDecoder().raw_decode
+
+
+def _as_float(x: Any) -> float:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+class _LabelTable:
+    """A shard's label table mapped through the vocabularies once: label indexes (count, 3), doses, control
+    flags and keys as arrays, and `ok[j]` False for a sample whose entry is unusable (unknown label, missing or
+    non-finite dose, missing flag); reading such a sample raises or skips with the message of the json path."""
+
+    def __init__(self, cols: dict[str, list[Any]], vocabs: dict[str, Vocab], keys: list[str], shard: str):
+        if cols["key"] != keys:
+            j = next(i for i, (a, b) in enumerate(zip(cols["key"], keys)) if a != b)
+            raise MissingShardError(f"shard {shard}: its label table lists key {cols['key'][j]!r} at position {j}, "
+                                    f"its index {keys[j]!r}")
+        self.cols = cols
+        n = len(keys)
+        self.lab = np.empty((n, len(LABEL_GROUPS)), np.int64)
+        ok = np.ones(n, bool)
+        for i, g in enumerate(LABEL_GROUPS):
+            lookup = vocabs[g]._index  # name -> index
+            self.lab[:, i] = [lookup.get(x, -1) if isinstance(x, str) else -1 for x in cols[g]]
+            ok &= self.lab[:, i] >= 0
+        self.dose = np.asarray([_as_float(d) for d in cols["dose"]], np.float64)  # as the json path: float(dose)
+        ok &= np.isfinite(self.dose)
+        ok &= np.asarray([c is not None for c in cols["is_control"]], bool)
+        self.ctrl = np.asarray([bool(c) for c in cols["is_control"]], bool)
+        self.keys = np.asarray(keys, dtype=object)
+        self.ok = ok.tolist()
+
+    def meta(self, j: int) -> dict[str, Any]:
+        """Sample j's entry as json-member fields (missing values left out), for the error message."""
+        return {c: self.cols[c][j] for c in self.cols if self.cols[c][j] is not None}
+
+
+def _read_raw_into(fd: int, entry: list[int], out: np.ndarray, scratch: bytearray,
+                   shape: list[int]) -> dict[str, Any] | None:
+    """Fast path for a raw image stored after its json (the writer's order). One preadv puts the json and the tar
+    header between the two members into `scratch` and the image bytes straight into `out` (a row of the batch),
+    so the image is copied once, from the page cache into the batch. Returns the metadata, or None when the
+    sample does not fit this path (another encoding or member order, a size or shape that does not match, a
+    short read, bad json); ``ShardBatches.read`` then decodes it or raises the error naming shard and key."""
+    jo, js, io_, is_, ext = entry
+    if ext != _RAW_EXT or jo < 0 or io_ < jo + js or is_ != out.nbytes:
+        return None
+    gap = io_ - jo
+    if gap > len(scratch):
+        scratch.extend(bytes(gap - len(scratch)))
+    if os.preadv(fd, [memoryview(scratch)[:gap], out], jo) != gap + is_:
+        return None
+    try:
+        text = scratch[:js].decode()
+        meta, end = _json_decode(text)
+    except ValueError:  # UnicodeDecodeError and JSONDecodeError
+        return None
+    if end != len(text) or not isinstance(meta, dict) or meta.get("shape", shape) != shape:
+        return None
+    return meta
+
+
 class _BatchIds(Sampler):
     """Yields (epoch, batch) ids from a start position: one epoch (finite) or forever (infinite)."""
 
@@ -137,6 +217,7 @@ class ShardBatches(Dataset):
         self.counts = [int(r["count"]) for r in self.records]
         self.starts = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
         self.shape = tuple(self.manifest["image_shape"])
+        self._shape_list = list(self.shape)
         self.vocabs: dict[str, Vocab] = manifest_vocabs(self.manifest)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.shuffle, self.window = seed, shuffle, window
@@ -146,7 +227,9 @@ class ShardBatches(Dataset):
         self.cache_shards, self.channels_last = cache_shards, channels_last
         self._order: tuple[int, np.ndarray] | None = None
         self._files: OrderedDict[int, Any] = OrderedDict()
-        self._indexes: OrderedDict[int, tuple[np.ndarray, list[str]]] = OrderedDict()
+        self._indexes: OrderedDict[int, tuple[np.ndarray, list[str], list[list[int]], _LabelTable | None]] = \
+            OrderedDict()
+        self._pinned = 0  # shards the batch being read holds open: the caches never evict below this
 
     # -- per-process caches (each DataLoader worker has its own copy) ---------------------------------------
     def order(self, epoch: int) -> np.ndarray:
@@ -155,26 +238,23 @@ class ShardBatches(Dataset):
                                               self.shuffle, self.window))
         return self._order[1]
 
-    def _index(self, s: int) -> tuple[np.ndarray, list[str]]:
-        """(count, 5) int64 (json offset, json size, image offset, image size, image ext code) and the keys."""
+    def _index(self, s: int) -> tuple[np.ndarray, list[str], list[list[int]], _LabelTable | None]:
+        """(count, 5) int64 (json offset, json size, image offset, image size, image ext code), the keys, the same
+        rows as Python lists (what the per-sample loop reads without numpy scalar overhead), and the shard's label
+        table when the manifest lists one (else labels come from each sample's json member)."""
         if s in self._indexes:
             self._indexes.move_to_end(s)
             return self._indexes[s]
         rec = self.records[s]
-        entries = read_index(self.folder / rec["index"])
-        if len(entries) != rec["count"]:
-            raise ShardError(f"shard {rec['name']}: index lists {len(entries)} samples, manifest {rec['count']}")
-        exts = list(EXT_TO_ENCODING)
-        rows = []
-        for e in entries:
-            img_ext = next((x for x in exts if x in e), None)
-            if "json" not in e or img_ext is None:
-                rows.append((-1, 0, -1, 0, -1))
-            else:
-                rows.append((*e["json"], *e[img_ext], exts.index(img_ext)))
-        arr = np.asarray(rows, np.int64).reshape(-1, 5)
-        self._indexes[s] = (arr, [e["__key__"] for e in entries])
-        if len(self._indexes) > self.cache_shards:
+        arr, keys = index_array(self.folder / rec["index"])
+        if len(keys) != rec["count"]:
+            raise ShardError(f"shard {rec['name']}: index lists {len(keys)} samples, manifest {rec['count']}")
+        table = None
+        if rec.get("labels"):
+            cols = read_label_table(self.folder / rec["labels"], rec["count"])
+            table = _LabelTable(cols, self.vocabs, keys, rec["name"])
+        self._indexes[s] = (arr, keys, arr.tolist(), table)
+        while len(self._indexes) > max(self.cache_shards, self._pinned):
             self._indexes.popitem(last=False)
         return self._indexes[s]
 
@@ -188,7 +268,7 @@ class ShardBatches(Dataset):
         except FileNotFoundError:
             raise MissingShardError(f"shard {path} listed in the manifest is missing") from None
         self._files[s] = f
-        if len(self._files) > self.cache_shards:
+        while len(self._files) > max(self.cache_shards, self._pinned):
             self._files.popitem(last=False)[1].close()
         return f
 
@@ -204,7 +284,7 @@ class ShardBatches(Dataset):
             s = int(np.searchsorted(self.starts, g, side="right") - 1)
         j = g - int(self.starts[s])
         name = self.records[s]["name"]
-        arr, keys = self._index(s)
+        arr, keys, _, _ = self._index(s)
         jo, js, io_, is_, ext = arr[j].tolist()
         key = keys[j]
         if jo < 0:
@@ -225,54 +305,86 @@ class ShardBatches(Dataset):
             raise ShardError(f"shard {name}, key {key}: {e}") from e
         return img, meta
 
+    def _labels(self, meta: dict[str, Any], shard: str) -> tuple[list[int], float, bool]:
+        """Label indexes, dose and is_control of one sample's metadata; ShardError naming shard and key."""
+        try:
+            lab = [self.vocabs[grp].index(str(meta[grp])) for grp in LABEL_GROUPS]
+            # The writer always records dose and is_control; a missing one is damage, not dose 0.0.
+            d, c = float(meta["dose"]), bool(meta["is_control"])
+        except KeyError as e:
+            raise ShardError(f"shard {shard}, key {meta.get('key')}: metadata lacks {e}") from None
+        except (TypeError, ValueError) as e:  # an unknown label (UnknownLabelError) or a dose that is no number
+            what = e if isinstance(e, UnknownLabelError) else f"dose {meta['dose']!r} is not a number"
+            raise ShardError(f"shard {shard}, key {meta.get('key')}: {what}") from None
+        if not math.isfinite(d):
+            raise ShardError(f"shard {shard}, key {meta.get('key')}: dose {d} is not finite")
+        return lab, d, c
+
     def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
         epoch, b = item
         ids = self.order(epoch)[b * self.batch_size:(b + 1) * self.batch_size]
-        images = np.empty((len(ids), *self.shape), np.uint8)
-        labels = {g: np.empty(len(ids), np.int64) for g in LABEL_GROUPS}
-        dose, ctrl, keys, skipped = np.empty(len(ids), np.float32), np.empty(len(ids), bool), [], []
-        n = 0
-        shard_of = (np.searchsorted(self.starts, ids, side="right") - 1).tolist()
-        for g, s in zip(ids.tolist(), shard_of):
-            try:
-                img, meta = self.read(g, s)
-                lab = {}
-                for grp in LABEL_GROUPS:
-                    try:
-                        lab[grp] = self.vocabs[grp].index(str(meta[grp]))
-                    except (KeyError, ValueError) as e:
-                        raise ShardError(f"shard {self._shard_name(g)}, key {meta.get('key')}: {e}") from None
-                # The writer always records dose and is_control; a missing one is damage, not dose 0.0.
-                for field in ("dose", "is_control"):
-                    if field not in meta:
-                        raise ShardError(f"shard {self._shard_name(g)}, key {meta.get('key')}: metadata lacks "
-                                         f"{field!r}")
+        images = _batch_buffer((len(ids), *self.shape))
+        rows = images.numpy()  # the same memory, as numpy rows preadv can fill
+        nbytes = rows[0].nbytes if len(ids) else 0
+        labels = np.empty((len(ids), len(LABEL_GROUPS)), np.int64)
+        dose, ctrl = np.empty(len(ids), np.float32), np.empty(len(ids), bool)
+        keys, skipped = np.empty(len(ids), object), []
+        from_table: list[int] = []  # batch positions whose labels come from a label table (filled after the loop)
+        kept = np.empty(len(ids), np.int64)  # batch position of each kept sample
+        scratch = bytearray(1024)
+        shard_of = np.searchsorted(self.starts, ids, side="right") - 1
+        local = ids - self.starts[shard_of]
+        uniq = np.unique(shard_of).tolist()
+        self._pinned = len(uniq)  # a batch spanning more shards than the caches hold keeps them all open
+        try:
+            src = {s: (self._file(s).fileno(), *self._index(s)[2:], self.records[s]["name"]) for s in uniq}
+            n = 0
+            for pos, (g, s, j) in enumerate(zip(ids.tolist(), shard_of.tolist(), local.tolist())):
+                fd, entries, table, name = src[s]
                 try:
-                    d = float(meta["dose"])
-                except (TypeError, ValueError):
-                    raise ShardError(f"shard {self._shard_name(g)}, key {meta.get('key')}: dose {meta['dose']!r} "
-                                     "is not a number") from None
-                if not np.isfinite(d):
-                    raise ShardError(f"shard {self._shard_name(g)}, key {meta.get('key')}: dose {d} is not finite")
-                c = bool(meta["is_control"])
-            except ShardError as e:
-                if self.policy == "error" or isinstance(e, MissingShardError):
-                    raise
-                skipped.append(str(e))
-                continue
-            images[n] = img
-            for grp in LABEL_GROUPS:
-                labels[grp][n] = lab[grp]
-            dose[n], ctrl[n] = d, c
-            keys.append(str(meta["key"]))
-            n += 1
+                    if table is not None:  # labels from the shard's table: read only the image
+                        if not table.ok[j]:
+                            self._labels(table.meta(j), name)  # raises the json path's message
+                            raise ShardError(f"shard {name}, key {table.keys[j]}: unusable label table entry")
+                        jo, _, io_, is_, ext = entries[j]
+                        if ext != _RAW_EXT or is_ != nbytes or jo < 0 or os.preadv(fd, [rows[n]], io_) != nbytes:
+                            rows[n] = self.read(g, s)[0]  # other encodings; raises for damage
+                        from_table.append(pos)
+                    else:
+                        meta = _read_raw_into(fd, entries[j], rows[n], scratch, self._shape_list)
+                        if meta is None:  # general path: other encodings, and every error case
+                            img, meta = self.read(g, s)
+                            rows[n] = img
+                        lab, d, c = self._labels(meta, name)
+                        labels[n], dose[n], ctrl[n], keys[n] = lab, d, c, str(meta["key"])
+                except ShardError as e:
+                    if self.policy == "error" or isinstance(e, MissingShardError):
+                        raise
+                    skipped.append(str(e))
+                    continue
+                kept[n] = pos
+                n += 1
+        finally:
+            self._pinned = 0
+        if from_table:  # gather the table-backed labels shard by shard, vectorised
+            kept_pos = kept[:n]
+            is_tab = np.isin(kept_pos, from_table)
+            for s in uniq:
+                table = src[s][2]
+                if table is None:
+                    continue
+                m = is_tab & (shard_of[kept_pos] == s)
+                jj = local[kept_pos[m]]
+                labels[:n][m], dose[:n][m], ctrl[:n][m], keys[:n][m] = (table.lab[jj], table.dose[jj],
+                                                                        table.ctrl[jj], table.keys[jj])
         if self.channels_last:  # (B, C, H, W) view of the HWC buffer: torch's channels_last layout, no copy
-            image = torch.from_numpy(images[:n]).permute(0, 3, 1, 2)
+            image = images[:n].permute(0, 3, 1, 2)
         else:  # HWC -> CHW in numpy (one thread: torch's intra-op pool stalls on oversubscribed cores)
-            image = torch.from_numpy(np.ascontiguousarray(images[:n].transpose(0, 3, 1, 2)))
+            image = torch.from_numpy(np.ascontiguousarray(rows[:n].transpose(0, 3, 1, 2)))
         out = {"image": image,
-               **{g: torch.from_numpy(labels[g][:n]) for g in LABEL_GROUPS},
-               "dose": torch.from_numpy(dose[:n]), "is_control": torch.from_numpy(ctrl[:n]), "key": keys}
+               **{g: torch.from_numpy(np.ascontiguousarray(labels[:n, i])) for i, g in enumerate(LABEL_GROUPS)},
+               "dose": torch.from_numpy(dose[:n]), "is_control": torch.from_numpy(ctrl[:n]),
+               "key": keys[:n].tolist()}
         if skipped:
             out["_skipped"] = skipped
         return out

@@ -48,7 +48,7 @@ def write_synthetic(spec: SyntheticSpec, out_dir: str | Path, counts: dict[str, 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "manifest.json").unlink(missing_ok=True)  # the manifest, written last, marks a complete folder
-    for old in list(out.glob("*.tar")) + list(out.glob("*.idx")):
+    for old in list(out.glob("*.tar")) + list(out.glob("*.idx")) + list(out.glob("*.labels.json")):
         old.unlink()
     jobs = [(spec, str(out), split, j, start, min(samples_per_shard, n - start), encoding)
             for split, n in counts.items() if n > 0
