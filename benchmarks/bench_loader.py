@@ -9,7 +9,7 @@ Rows (benchmarks/results/loader.csv, with device, commit, date):
   workers    DataLoader worker processes (0 = the main process; DALI: pipeline threads)
   samples_per_s (median of --rounds interleaved repetitions; _min/_max beside it), samples_per_s_per_worker
   (divided by max(workers, 1)), speedup_vs_npy_files (median over rounds of the ratio to the baseline at the
-  same worker count measured in the same round), rss_mb_per_worker (largest resident set of a worker
+  same worker count and layout measured in the same round), rss_mb_per_worker (largest resident set of a worker
   process, or of the main process for workers = 0, mid-run; includes pages shared with the parent, e.g.
   torch) and private_mb_per_worker (its unshared pages: what each further worker costs).
 The data are written just before they are read, so reads come from the page cache: this measures the loader's
@@ -61,11 +61,15 @@ def _children() -> list[int]:
 
 
 class NpyFiles:
-    """The baseline: one .npy per crop listed in a CSV, read with np.load per sample (map-style Dataset)."""
+    """The baseline: one .npy per crop listed in a CSV, read with np.load per sample (map-style Dataset); the
+    DataLoader's default collate stacks the samples. Layout contiguous: each sample permuted to CHW, so the stack
+    is a dense (B, C, H, W) batch; channels_last: HWC samples stacked, the batch permuted to a (B, C, H, W) view
+    (no transposing copy, the same saving the shard loader's channels_last layout makes)."""
 
-    def __init__(self, csv_path: Path):
+    def __init__(self, csv_path: Path, channels_last: bool = False):
         with open(csv_path) as f:
             self.paths = [csv_path.parent / r["path"] for r in csv.DictReader(f)]
+        self.channels_last = channels_last
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -74,7 +78,13 @@ class NpyFiles:
         import numpy as np
         import torch
 
-        return torch.from_numpy(np.load(self.paths[i])).permute(2, 0, 1)
+        x = torch.from_numpy(np.load(self.paths[i]))
+        return x if self.channels_last else x.permute(2, 0, 1)
+
+
+def _channels_last_batches(it):
+    for b in it:
+        yield b.permute(0, 3, 1, 2)
 
 
 def _make_data(root: Path, n: int, size: int, per_shard: int) -> dict[str, Path]:
@@ -153,20 +163,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
         # The baseline first in every round, so each shard row has a same-round ratio.
         order = (["npy_files"] if "npy_files" in backends else []) + [b for b in backends if b != "npy_files"]
         variants = [(b, e, "contiguous") for b in order for e in (["npy"] if b == "npy_files" else args.encodings)]
+        if "npy_files" in backends:
+            variants.append(("npy_files", "npy", "channels_last"))
         variants += [("webdataset", e, "channels_last") for e in args.encodings if "webdataset" in backends]
         # Rounds interleave every variant, so machine noise (a shared VM's neighbours) falls on all of them alike;
         # a row reports the median rate over rounds and the median of its per-round ratios to the baseline.
         runs: dict[tuple, list[tuple[float, float, tuple[float, float]]]] = {}
         for rnd in range(args.rounds):
             for w in args.workers:
-                base = float("nan")
+                base = {"contiguous": float("nan"), "channels_last": float("nan")}
                 for backend, enc, layout in variants:
                     rss: list[tuple[float, float]] = []
                     if backend == "npy_files":
-                        ds = NpyFiles(data["npy"])
+                        ds = NpyFiles(data["npy"], channels_last=layout == "channels_last")
                         g = torch.Generator().manual_seed(rnd)
                         it = iter(DataLoader(ds, batch_size=args.batch, sampler=RandomSampler(ds, generator=g),
                                              num_workers=w))
+                        if layout == "channels_last":
+                            it = _channels_last_batches(it)
                     else:
                         it = iter(ShardLoader(data[enc], "train", args.batch, backend=backend,
                                               num_workers=w, seed=rnd, infinite=False,
@@ -175,9 +189,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     del it
                     rate = n / dt
                     if backend == "npy_files":
-                        base = rate
+                        base[layout] = rate
                     mem = rss[0] if rss else (_rss_mb(), _private_mb())
-                    runs.setdefault((backend, enc, layout, w), []).append((rate, rate / base, mem))
+                    runs.setdefault((backend, enc, layout, w), []).append((rate, rate / base[layout], mem))
         for (backend, enc, layout, w), rs in runs.items():
             rates = [r[0] for r in rs]
             rate = float(np.median(rates))

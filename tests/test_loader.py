@@ -121,3 +121,51 @@ def test_prepare_data_writes_once_and_reuses(tmp_path):
     assert load_manifest(out)["splits"]["val"]["count"] == 8 and len(list(out.glob("val-*.tar"))) == 1
     b = next(iter(ShardLoader(out, "val", 8, shuffle=False, drop_last=False, infinite=False)))
     assert b["image"].shape == (8, 6, 16, 16)
+
+
+def _same_batches(a, b):
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b):
+        assert x["key"] == y["key"]
+        for k in ("image", "perturbation", "experiment", "cell_type", "dose", "is_control"):
+            assert x[k].dtype == y[k].dtype and x[k].shape == y[k].shape and torch.equal(x[k], y[k]), k
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_worker_ring_batches_equal_in_process_batches_even_when_all_are_held(shards, channels_last):
+    """Workers hand batches over through reused shared-memory slots. Holding every batch of two epochs (far more
+    than the slots) must not let a slot be overwritten while referenced: each held batch stays equal to the one
+    the main process reads itself."""
+    def run(workers):
+        return list(ShardLoader(shards, "train", 16, seed=4, num_workers=workers, infinite=False,
+                                channels_last=channels_last))
+
+    ref = run(0)
+    held = run(2) + run(2)  # 24 batches held at once
+    _same_batches(ref + ref, held)
+    assert held[0]["image"].is_contiguous(memory_format=torch.channels_last if channels_last
+                                          else torch.contiguous_format)
+
+
+def test_worker_ring_reuses_slots_when_batches_are_dropped(shards):
+    """Consumed one at a time (as the trainer does), batches come from the ring: the slots are released when the
+    batch is dropped and reused, and the values equal the in-process batches."""
+    from phenoflow.data.loader import BatchRing
+
+    ref = list(ShardLoader(shards, "train", 16, seed=4, infinite=False, channels_last=True))
+    loader = ShardLoader(shards, "train", 16, seed=4, num_workers=1, infinite=False, channels_last=True)
+    seen = []
+    for b, r in zip(loader, ref):
+        _same_batches([r], [b])
+        seen.append(b["image"].untyped_storage().data_ptr())
+        del b
+    assert len(set(seen)) <= loader.prefetch_factor + 3 < len(seen)  # slot addresses repeat: reused
+
+    ring = BatchRing(1, 2, (4, 2, 2, 1))
+    assert ring.acquire(0) == 0 and ring.acquire(0) == 1 and ring.acquire(0) is None  # both taken
+    t = ring.tensor(0, 1, 3)
+    view = t.view(3, 2, 2, 1).permute(0, 3, 1, 2)
+    del t
+    assert ring.acquire(0) is None  # a view still uses slot 1
+    del view
+    assert ring.acquire(0) == 1  # released with the last view
