@@ -55,25 +55,30 @@ _RAW_EXT = list(EXT_TO_ENCODING).index(ENCODINGS["raw"])  # ext code of raw imag
 
 
 class BatchRing:
-    """Shared-memory batch slots that DataLoader workers fill and the main process reuses.
+    """Batch buffers reused across batches: shared-memory slots that DataLoader workers fill, or in-process slots.
 
-    A batch handed between processes normally lives in a fresh shared-memory segment, and on a VM the page faults
-    of a fresh 14 MB segment cost ~50 us per 96x96x6 sample, five times the read itself. The ring allocates
-    `slots` batch buffers per worker once. A worker writes a batch into one of its free slots and sends only
-    (worker, slot); the main process wraps the slot in a tensor and marks the slot free again when the last
-    tensor viewing it is freed (a finalizer on the numpy array that owns the tensor's memory), so a batch is never
-    overwritten while anything still references it. A worker that finds none of its slots free (the consumer is
-    holding many batches) falls back to a fresh segment, so the ring can never block or hand out live memory.
+    A fresh 14 MB batch buffer costs page faults: ~50 us per 96x96x6 sample for a fresh shared-memory segment
+    handed between processes on a VM (five times the read itself), and in one process the C allocator returns
+    freed batches to the system and faults them in again. The ring allocates `slots` batch buffers per worker
+    once. The producer writes a batch into one of its free slots and passes only (worker, slot); the consumer
+    side wraps the slot in a tensor and marks the slot free again when the last tensor viewing it is freed (a
+    finalizer on the numpy array that owns the tensor's memory), so a batch is never overwritten while anything
+    still references it. A producer that finds none of its slots free (the consumer is holding many batches)
+    falls back to a fresh buffer, so the ring can never block or hand out live memory.
     """
 
-    def __init__(self, workers: int, slots: int, batch_shape: tuple[int, ...]):
+    def __init__(self, workers: int, slots: int, batch_shape: tuple[int, ...], shared: bool = True):
         self.slots, self.batch_shape = slots, batch_shape
         numel = workers * slots * int(np.prod(batch_shape))
-        storage = torch.empty(0, dtype=torch.uint8)._typed_storage()._new_shared(numel)  # no copy, no zero fill
-        self.buf = torch.empty(0, dtype=torch.uint8).new(storage).resize_(workers, slots, numel // workers // slots)
-        self.free = torch.ones(workers, slots, dtype=torch.int32).share_memory_()  # 1 = the worker may write
+        if shared:  # allocated in shared memory without a copy or zero fill
+            storage = torch.empty(0, dtype=torch.uint8)._typed_storage()._new_shared(numel)
+            self.buf = torch.empty(0, dtype=torch.uint8).new(storage).resize_(workers, slots, numel // workers // slots)
+            self.free = torch.ones(workers, slots, dtype=torch.int32).share_memory_()  # 1 = the producer may write
+        else:
+            self.buf = torch.empty(workers, slots, numel // workers // slots, dtype=torch.uint8)
+            self.free = torch.ones(workers, slots, dtype=torch.int32)
         self._free_np = self.free.numpy()
-        self._turn = 0  # next slot a worker tries first (each worker process has its own copy)
+        self._turn = 0  # next slot a producer tries first (each worker process has its own copy)
 
     def acquire(self, worker: int) -> int | None:
         """A free slot of `worker` (marked in use), or None when all are taken. Called in the worker."""
@@ -284,7 +289,8 @@ class ShardBatches(Dataset):
         self._indexes: OrderedDict[int, tuple[np.ndarray, list[str], list[list[int]], _LabelTable | None]] = \
             OrderedDict()
         self._pinned = 0  # shards the batch being read holds open: the caches never evict below this
-        self.ring: BatchRing | None = None  # set by ShardLoader for worker processes
+        self.ring: BatchRing | None = None  # set by ShardLoader for each iteration
+        self._hwc: np.ndarray | None = None  # per-process HWC scratch batch (CHW layout with a ring)
 
     # -- per-process caches (each DataLoader worker has its own copy) ---------------------------------------
     def order(self, epoch: int) -> np.ndarray:
@@ -329,7 +335,7 @@ class ShardBatches(Dataset):
 
     def __getstate__(self) -> dict[str, Any]:  # open files do not travel to worker processes
         d = dict(self.__dict__)
-        d["_files"], d["_indexes"], d["_order"] = OrderedDict(), OrderedDict(), None
+        d["_files"], d["_indexes"], d["_order"], d["_hwc"] = OrderedDict(), OrderedDict(), None, None
         return d
 
     # -- reading ----------------------------------------------------------------------------------------------
@@ -376,17 +382,27 @@ class ShardBatches(Dataset):
         return lab, d, c
 
     def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
+        """Batch (epoch, b), in a DataLoader worker: into a slot of the ring the worker was started with."""
+        return self.fetch(item, self.ring)
+
+    def fetch(self, item: tuple[int, int], ring: BatchRing | None) -> dict[str, Any]:
+        """Batch b of `epoch` as numpy labels plus the image in a slot of `ring` (or a fresh buffer); ``to_batch``
+        turns it into tensors."""
         epoch, b = item
         ids = self.order(epoch)[b * self.batch_size:(b + 1) * self.batch_size]
         info = torch.utils.data.get_worker_info()
+        wid = info.id if info is not None else 0
         slot = None
-        if info is not None and self.ring is not None and len(ids) <= self.ring.batch_shape[0]:
-            slot = self.ring.acquire(info.id)
+        if ring is not None and len(ids) <= ring.batch_shape[0]:
+            slot = ring.acquire(wid)
         if slot is not None and self.channels_last:  # read straight into the ring slot
-            rows = self.ring.slot(info.id, slot).reshape(-1, *self.shape)
-        else:  # (CHW with a ring slot: read here, then one transposing copy into the slot)
-            images = _batch_buffer((len(ids), *self.shape)) if slot is None else torch.empty(
-                (len(ids), *self.shape), dtype=torch.uint8)
+            rows = ring.slot(wid, slot).reshape(-1, *self.shape)
+        elif slot is not None:  # CHW: read into this process's HWC scratch, then one transposing copy into the slot
+            if self._hwc is None or len(self._hwc) < len(ids):
+                self._hwc = np.empty((self.batch_size, *self.shape), np.uint8)
+            rows = self._hwc
+        else:
+            images = _batch_buffer((len(ids), *self.shape))
             rows = images.numpy()  # the same memory, as numpy rows preadv can fill
         nbytes = rows[0].nbytes if len(ids) else 0
         labels = np.empty((len(ids), len(LABEL_GROUPS)), np.int64)
@@ -447,8 +463,8 @@ class ShardBatches(Dataset):
         if slot is not None:
             if not self.channels_last:
                 h, w, c = self.shape
-                self.ring.slot(info.id, slot).reshape(-1, c, h, w)[:n] = rows[:n].transpose(0, 3, 1, 2)
-            out["_slot"] = (info.id, slot, n)  # the main process maps the ring slot (to_batch)
+                ring.slot(wid, slot).reshape(-1, c, h, w)[:n] = rows[:n].transpose(0, 3, 1, 2)
+            out["_slot"] = (wid, slot, n)  # the consumer wraps the ring slot (to_batch)
         elif self.channels_last:  # (B, C, H, W) view of the HWC buffer: torch's channels_last layout, no copy
             out["image"] = images[:n].permute(0, 3, 1, 2)
         else:  # HWC -> CHW in numpy (one thread: torch's intra-op pool stalls on oversubscribed cores)
@@ -553,22 +569,25 @@ class ShardLoader:
             source = dali_batches(self, self.epoch, self.batch)
         else:
             sampler = _BatchIds(self.epoch, self.batch, self.per_epoch, self.infinite)
-            kw: dict[str, Any] = {}
-            ring = None
-            if self.num_workers > 0:
-                kw = {"prefetch_factor": self.prefetch_factor, "persistent_workers": False}
+            shape = (self.batch_size, *self.dataset.shape)
+            if self.num_workers == 0:  # in this process: slots for the batch being read, the caller's, the previous
+                ring = BatchRing(1, 3, shape, shared=False)
+                source = (self.dataset.fetch(item, ring) for item in sampler)
+            else:
                 # Slots per worker: its prefetched batches, the one being consumed, the consumer's previous one,
                 # and one spare; when the consumer holds more, workers fall back to fresh segments.
-                ring = BatchRing(self.num_workers, self.prefetch_factor + 3, (self.batch_size, *self.dataset.shape))
-            self.dataset.ring = ring  # the workers start (and take their copy of the dataset) in iter() below
-            # A private generator: DataLoader draws its workers' base seed when the iterator starts, and from
-            # the global torch generator that would shift the trainer's per-step draws after a resume.
-            loader_iter = iter(DataLoader(self.dataset, batch_size=None, sampler=sampler,
-                                          num_workers=self.num_workers, collate_fn=_identity,
-                                          generator=torch.Generator().manual_seed(self.seed), **kw))
-            self.dataset.ring = None
-            source = (self.dataset.to_batch(out, ring) for out in loader_iter)
+                ring = BatchRing(self.num_workers, self.prefetch_factor + 3, shape)
+                self.dataset.ring = ring  # the workers start (and take their copy of the dataset) in iter() below
+                # A private generator: DataLoader draws its workers' base seed when the iterator starts, and from
+                # the global torch generator that would shift the trainer's per-step draws after a resume.
+                source = iter(DataLoader(self.dataset, batch_size=None, sampler=sampler,
+                                         num_workers=self.num_workers, collate_fn=_identity,
+                                         prefetch_factor=self.prefetch_factor, persistent_workers=False,
+                                         generator=torch.Generator().manual_seed(self.seed)))
+                self.dataset.ring = None
         for out in source:
+            if self.backend != "dali":
+                out = self.dataset.to_batch(out, ring)
             skipped = out.pop("_skipped", None)
             if skipped:
                 self.skipped += len(skipped)
