@@ -13,7 +13,8 @@ Rows (benchmarks/results/loader.csv, with device, commit, date):
   process, or of the main process for workers = 0, mid-run; includes pages shared with the parent, e.g.
   torch) and private_mb_per_worker (its unshared pages: what each further worker costs).
 The data are written just before they are read, so reads come from the page cache: this measures the loader's
-CPU cost (tar/index reads, decoding, batching), not the storage. Shuffling is on (default window 1000).
+CPU cost (tar/index reads, decoding, batching), not the storage. Shuffling is on (default window 1000). Each
+measurement reads --epochs epochs through one iterator (the baseline: a RandomSampler over as many samples).
 Run:  python benchmarks/bench_loader.py [--smoke] [--workers 0 1 2] [--images 8192]
 """
 from __future__ import annotations
@@ -136,9 +137,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--backends", nargs="+", default=["webdataset", "dali", "npy_files"])
     p.add_argument("--encodings", nargs="+", default=["raw", "png"])
     p.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of every variant (median)")
+    p.add_argument("--epochs", type=int, default=2, help="epochs read per measurement")
     args = common.finish_args(p.parse_args(argv))
     if args.smoke:
-        args.images, args.batch, args.workers, args.rounds = 192, 32, [0], 1
+        args.images, args.batch, args.workers, args.rounds, args.epochs = 192, 32, [0], 1, 1
     import numpy as np
     import torch
     from torch.utils.data import DataLoader, RandomSampler
@@ -159,7 +161,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows: list[dict] = []
     try:
         data = _make_data(tmp, args.images, args.image_size, max(64, args.images // 8))
-        max_batches = args.images // args.batch - 1
+        # Timed: batches 1 .. max_batches (the first, with start-up, is not counted) over --epochs epochs, so the
+        # one-off costs of an iterator (opening shards, first touch of buffers) weigh as in a long run.
+        max_batches = args.epochs * (args.images // args.batch) - 1
         # The baseline first in every round, so each shard row has a same-round ratio.
         order = (["npy_files"] if "npy_files" in backends else []) + [b for b in backends if b != "npy_files"]
         variants = [(b, e, "contiguous") for b in order for e in (["npy"] if b == "npy_files" else args.encodings)]
@@ -177,13 +181,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     if backend == "npy_files":
                         ds = NpyFiles(data["npy"], channels_last=layout == "channels_last")
                         g = torch.Generator().manual_seed(rnd)
-                        it = iter(DataLoader(ds, batch_size=args.batch, sampler=RandomSampler(ds, generator=g),
+                        it = iter(DataLoader(ds, batch_size=args.batch, sampler=RandomSampler(
+                                                 ds, num_samples=args.epochs * len(ds), generator=g),
                                              num_workers=w))
                         if layout == "channels_last":
                             it = _channels_last_batches(it)
                     else:
                         it = iter(ShardLoader(data[enc], "train", args.batch, backend=backend,
-                                              num_workers=w, seed=rnd, infinite=False,
+                                              num_workers=w, seed=rnd, infinite=True,
                                               channels_last=layout == "channels_last"))
                     n, dt = _drain(it, max_batches, rss)
                     del it
