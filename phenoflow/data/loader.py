@@ -71,8 +71,7 @@ class BatchRing:
         self.slots, self.batch_shape = slots, batch_shape
         numel = workers * slots * int(np.prod(batch_shape))
         if shared:  # allocated in shared memory without a copy or zero fill
-            storage = torch.empty(0, dtype=torch.uint8)._typed_storage()._new_shared(numel)
-            self.buf = torch.empty(0, dtype=torch.uint8).new(storage).resize_(workers, slots, numel // workers // slots)
+            self.buf = _shared_uint8((workers, slots, numel // workers // slots))
             self.free = torch.ones(workers, slots, dtype=torch.int32).share_memory_()  # 1 = the producer may write
         else:
             self.buf = torch.empty(workers, slots, numel // workers // slots, dtype=torch.uint8)
@@ -116,11 +115,16 @@ class BatchRing:
 def _batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
     """An uninitialised uint8 batch. In a DataLoader worker without a ring slot it is allocated in shared memory,
     as torch's own default_collate does, so the hand-over passes a file descriptor instead of copying."""
-    numel = int(np.prod(shape))
     if torch.utils.data.get_worker_info() is not None:
-        storage = torch.empty(0, dtype=torch.uint8)._typed_storage()._new_shared(numel)
-        return torch.empty(0, dtype=torch.uint8).new(storage).resize_(*shape)
+        return _shared_uint8(shape)
     return torch.empty(shape, dtype=torch.uint8)
+
+
+def _shared_uint8(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised uint8 tensor in shared memory, made as torch's default_collate makes worker batches (no
+    copy or zero fill, unlike ``share_memory_()`` on an existing tensor)."""
+    storage = torch.empty(0, dtype=torch.uint8)._typed_storage()._new_shared(int(np.prod(shape)))
+    return torch.empty(0, dtype=torch.uint8).new(storage).resize_(*shape)
 
 
 def shard_order(num_shards: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
@@ -203,8 +207,7 @@ class _LabelTable:
         self.lab = np.empty((n, len(LABEL_GROUPS)), np.int64)
         ok = np.ones(n, bool)
         for i, g in enumerate(LABEL_GROUPS):
-            lookup = vocabs[g]._index  # name -> index
-            self.lab[:, i] = [lookup.get(x, -1) if isinstance(x, str) else -1 for x in cols[g]]
+            self.lab[:, i] = vocabs[g].indices(cols[g])
             ok &= self.lab[:, i] >= 0
         self.dose = np.asarray([_as_float(d) for d in cols["dose"]], np.float64)  # as the json path: float(dose)
         ok &= np.isfinite(self.dose)

@@ -53,6 +53,11 @@ class Vocab:
                 f"unknown {self.name} label {label!r}: not in the {self.name} vocabulary "
                 f"({len(self._names)} names: {shown})") from None
 
+    def indices(self, labels: Iterable[object]) -> list[int]:
+        """Index of each label, -1 for one that is not a name of this vocabulary (or not a string)."""
+        get = self._index.get
+        return [get(x, -1) if isinstance(x, str) else -1 for x in labels]
+
     def __contains__(self, label: object) -> bool:
         return label in self._index
 
