@@ -18,7 +18,7 @@ from phenoflow.config import resolve
 from phenoflow.model.mit import build_model
 from phenoflow.train.checkpoint import ema_filename, save_checkpoint, save_safetensors
 from phenoflow.train.ema import PowerFunctionEMA
-from phenoflow.train.engine import SingleEngine, build_engine
+from phenoflow.train.engines import SingleEngine, build_engine
 
 VOCAB = {"perturbation": 3, "experiment": 2}
 GLOBAL_BATCH, MICRO = 8, 2

@@ -27,7 +27,7 @@ import engine_worker as W
 
 from phenoflow.model.mit import build_model
 from phenoflow.train.checkpoint import ema_filename, load_safetensors
-from phenoflow.train.engine import SingleEngine
+from phenoflow.train.engines import SingleEngine
 
 ENGINES = ["ddp:0", "deepspeed:1", "deepspeed:2", "deepspeed:3", "fsdp2:0", "deepspeed:2:bf16", "deepspeed:3:bf16",
            "fsdp2:0:bf16"]

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import engine_worker as W
 
 from phenoflow.config import ConfigError, resolve
-from phenoflow.train.engine import SingleEngine, build_engine, deepspeed_config
+from phenoflow.train.engines import SingleEngine, build_engine, deepspeed_config
 
 
 def one_step(ckpt: bool) -> tuple[dict, dict]:

@@ -34,7 +34,7 @@ def _launch_distributed(cfg) -> bool:
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return False
-    from phenoflow.train.engine import init_distributed
+    from phenoflow.train.engines import init_distributed
 
     init_distributed(cfg)  # nccl on GPU (device set from LOCAL_RANK), gloo on CPU
     return True

@@ -19,7 +19,7 @@ import torch
 
 from phenoflow.model.flops import mfu, train_flops_per_image
 from phenoflow.model.mit import LABEL_GROUPS, build_model
-from phenoflow.train.engine import build_engine
+from phenoflow.train.engines import build_engine
 
 
 def _sync(device: torch.device) -> None:

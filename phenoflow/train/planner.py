@@ -10,7 +10,7 @@ Memory per GPU, P parameters, N data-parallel ranks, bytes per parameter (Adam: 
     fsdp2       4 P / N (fp32 sharded masters)  4 P / N  8 P / N            4 k P / N
 ZeRO-3 and FSDP2 also hold the gathered bf16 weights of the blocks in flight (two blocks: current + prefetch).
 CPU offload (deepspeed) moves the optimizer column to host memory. The EMA keeps this rank's fp32 pieces of
-the master weights (phenoflow.train.engine), so it shards with the optimizer.
+the master weights (phenoflow.train.engines), so it shards with the optimizer.
 
 Activations per sample, T tokens of width D, MLP ratio r, eager PyTorch under bf16 autocast with an
 O(T) attention kernel (flash / memory-efficient SDPA), counted with saved-tensor hooks on our block:

@@ -38,7 +38,7 @@ from phenoflow.train.checkpoint import (
     write_json,
 )
 from phenoflow.train.ema import PowerFunctionEMA
-from phenoflow.train.engine import build_engine
+from phenoflow.train.engines import build_engine
 
 
 def step_seed(seed: int, rank: int, samples_seen: int) -> int:
