@@ -10,6 +10,11 @@ Decoding in the pipeline: raw bytes are reshaped, .npy bytes have their header s
 With CUDA the images leave the pipeline as CUDA uint8 tensors (flips, dequantisation and normalisation are then
 `transforms.augment` / `encode` on the GPU); without it, a CPU pipeline (device_id=None) gives CPU tensors.
 Labels come from each sample's json on the host. Resident memory: one window of images plus DALI's prefetch queue.
+Bad samples: a json member that does not parse or lacks a field, an unknown label or a bad dose goes through
+`bad_sample_policy` with the shard and key (from the index) in the message. Damage DALI meets itself (a
+truncated tar, a PNG that does not decode, a wrong size) stops its pipeline: a ShardError naming the shards it
+was reading, whatever the policy (the webdataset backend or `phenoflow data verify` names the sample). DALI does
+not check the per-sample crc32 of the label tables.
 """
 from __future__ import annotations
 
@@ -20,14 +25,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .loader import (
-    batches_per_epoch,
-    part_bounds,
-    shard_order,
-    stream_slice,
-    window_shuffle,
-)
-from .shards import ShardError
+from .errors import ShardError
+from .order import batches_per_epoch, part_bounds, shard_order, stream_slice, window_shuffle
+from .shards import index_array, read_index
 from .vocab import LABEL_GROUPS
 
 if TYPE_CHECKING:
@@ -78,8 +78,6 @@ def _to_torch(tl: Any, gpu: bool) -> torch.Tensor | np.ndarray:
 def _npy_header_len(loader: ShardLoader) -> int:
     h, w, c = loader.dataset.shape
     rec = loader.dataset.records[0]
-    from .shards import read_index
-
     e = read_index(loader.folder / rec["index"])[0]
     return int(e["npy"][1]) - h * w * c
 
@@ -125,8 +123,18 @@ def _epoch_batches(loader: ShardLoader, epoch: int, first_batch: int) -> Iterato
                      ext, shape, B, max(1, loader.num_workers), torch.cuda.current_device() if gpu else None,
                      _npy_header_len(loader) if ext == "npy" else 0)
     total = skip + (read_end - w0)
+    shard_ends = np.cumsum([int(r["count"]) for r in shards])
+    keys: dict[int, list[str]] = {}
 
-    def samples() -> Iterator[tuple[torch.Tensor | np.ndarray, bytes]]:
+    def source(got: int) -> tuple[str, str]:
+        """Shard name and key (from its index) of the got-th sample the pipeline read."""
+        k = int(np.searchsorted(shard_ends, got, side="right"))
+        if k not in keys:
+            keys[k] = index_array(ds.folder / shards[k]["index"])[1]
+        j = got - (int(shard_ends[k - 1]) if k else 0)
+        return shards[k]["name"], keys[k][j]
+
+    def samples() -> Iterator[tuple[torch.Tensor | np.ndarray, bytes, int]]:
         got = 0
         while got < total:
             try:
@@ -139,7 +147,7 @@ def _epoch_batches(loader: ShardLoader, epoch: int, first_batch: int) -> Iterato
                 if got >= total:
                     return
                 if got >= skip:
-                    yield x[i], np.array(metas[i]).tobytes()
+                    yield x[i], np.array(metas[i]).tobytes(), got
                 got += 1
 
     out: list[tuple[torch.Tensor | np.ndarray, dict[str, Any]]] = []
@@ -154,8 +162,8 @@ def _epoch_batches(loader: ShardLoader, epoch: int, first_batch: int) -> Iterato
         pos = srt[np.searchsorted(stream_ids[srt], order[ws:we])]
         for j in pos:
             if w0 + emitted >= p0 and w0 + emitted < need_end:
-                img, raw = buf[int(j)]
-                out.append((img, json.loads(raw)))
+                img, raw, got = buf[int(j)]
+                out.append((img, _parse_meta(raw), *source(got)))
             emitted += 1
             while len(out) >= B:
                 chunk, out = out[:B], out[B:]
@@ -164,13 +172,24 @@ def _epoch_batches(loader: ShardLoader, epoch: int, first_batch: int) -> Iterato
         yield _collate(loader, out)
 
 
-def _collate(loader: ShardLoader, chunk: list[tuple[torch.Tensor | np.ndarray, dict[str, Any]]]) -> dict[str, Any]:
+def _parse_meta(raw: bytes) -> dict[str, Any] | str:
+    """A json member's metadata, or the reason it is unusable (handled per sample by _collate's policy)."""
+    try:
+        m = json.loads(raw)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        return f"json member does not parse ({e})"
+    return m if isinstance(m, dict) else f"json member is a {type(m).__name__}, not an object"
+
+
+def _collate(loader: ShardLoader, chunk: list[tuple[Any, dict[str, Any] | str, str, str]]) -> dict[str, Any]:
     vocabs = loader.dataset.vocabs
     keep, skipped = [], []
     labels: dict[str, list[int]] = {g: [] for g in LABEL_GROUPS}
     dose, ctrl, keys = [], [], []
-    for img, m in chunk:
+    for img, m, shard, key in chunk:
         try:
+            if isinstance(m, str):
+                raise ValueError(m)
             lab = {g: vocabs[g].index(str(m[g])) for g in LABEL_GROUPS}
             missing = [f for f in ("dose", "is_control") if f not in m]
             if missing:
@@ -180,8 +199,8 @@ def _collate(loader: ShardLoader, chunk: list[tuple[torch.Tensor | np.ndarray, d
             d = float(m["dose"])
             if not np.isfinite(d):
                 raise ValueError(f"dose {d} is not finite")
-        except (KeyError, ValueError) as e:
-            msg = f"key {m.get('key')}: {e}"
+        except (KeyError, ValueError, TypeError) as e:
+            msg = f"shard {shard}, key {key}: {e}"
             if loader.dataset.policy == "error":
                 raise ShardError(msg) from None
             skipped.append(msg)
@@ -191,7 +210,7 @@ def _collate(loader: ShardLoader, chunk: list[tuple[torch.Tensor | np.ndarray, d
             labels[g].append(lab[g])
         dose.append(d)
         ctrl.append(bool(m["is_control"]))
-        keys.append(str(m["key"]))
+        keys.append(str(m.get("key", key)))
     c, h, w = loader.dataset.shape[2], *loader.dataset.shape[:2]
     if not keep:
         image = torch.empty((0, c, h, w), dtype=torch.uint8)

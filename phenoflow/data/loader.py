@@ -18,6 +18,13 @@ Every batch is computed independently from (epoch, b), reading only its own samp
 index (byte offsets), so DataLoader workers (which take batches round-robin and return them in order) never
 change the order, and resuming is a jump: ``state_dict()`` records (epoch, batches yielded in this epoch) and a
 loader given ``load_state_dict(state)`` yields exactly the next batch.
+
+Integrity: every failure to read or decode a sample (a truncated tar, bytes of the wrong size, a PNG or .npy
+that does not decode, a wrong shape or dtype, bad labels, an image whose crc32 differs from its label table's)
+is a ShardError naming the shard and the key, handled by `bad_sample_policy` ("error" raises, "skip" leaves
+the sample out, counted and logged). `checksums` says when image bytes are checked against the crc32 the
+writer recorded: "first_pass" (default: each sample once per loader, until it has passed), "always", "off".
+The order functions live in order.py and the batch ring in ring.py (re-exported here).
 """
 from __future__ import annotations
 
@@ -25,7 +32,6 @@ import json
 import logging
 import math
 import os
-import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,190 +41,27 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .shards import (
-    ENCODINGS,
-    EXT_TO_ENCODING,
-    MissingShardError,
-    ShardError,
-    decode_image,
-    index_array,
-    load_manifest,
-    manifest_vocabs,
-    read_label_table,
-    split_shards,
+from .errors import ChecksumError, DataError, MissingShardError, ShardError
+from .order import (  # noqa: F401  re-exported: callers import the order functions from here
+    batches_per_epoch,
+    epoch_order,
+    part_bounds,
+    shard_order,
+    stream_slice,
+    window_shuffle,
 )
+from .ring import BatchRing, _batch_buffer, _shared_uint8  # noqa: F401  (re-exported)
+from .shards import ENCODINGS, EXT_TO_ENCODING, decode_image, index_array, load_manifest, manifest_vocabs, split_shards
+from .tables import CHECKSUM, LabelTable, payload_crc, read_label_table
 from .vocab import LABEL_GROUPS, UnknownLabelError, Vocab
 
 log = logging.getLogger("phenoflow.data")
 STATE_VERSION = 1
+CHECKSUM_POLICIES = ("first_pass", "always", "off")
 _RAW_EXT = list(EXT_TO_ENCODING).index(ENCODINGS["raw"])  # ext code of raw images in the index arrays
 
 
-class BatchRing:
-    """Batch buffers reused across batches: shared-memory slots that DataLoader workers fill, or in-process slots.
-
-    A fresh 14 MB batch buffer costs page faults: ~50 us per 96x96x6 sample for a fresh shared-memory segment
-    handed between processes on a VM (five times the read itself), and in one process the C allocator returns
-    freed batches to the system and faults them in again. The ring allocates `slots` batch buffers per worker
-    once. The producer writes a batch into one of its free slots and passes only (worker, slot); the consumer
-    side wraps the slot in a tensor and marks the slot free again when the last tensor viewing it is freed (a
-    finalizer on the numpy array that owns the tensor's memory), so a batch is never overwritten while anything
-    still references it. A producer that finds none of its slots free (the consumer is holding many batches)
-    falls back to a fresh buffer, so the ring can never block or hand out live memory.
-    """
-
-    def __init__(self, workers: int, slots: int, batch_shape: tuple[int, ...], shared: bool = True):
-        self.slots, self.batch_shape = slots, batch_shape
-        numel = workers * slots * int(np.prod(batch_shape))
-        if shared:  # allocated in shared memory without a copy or zero fill
-            self.buf = _shared_uint8((workers, slots, numel // workers // slots))
-            self.free = torch.ones(workers, slots, dtype=torch.int32).share_memory_()  # 1 = the producer may write
-        else:
-            self.buf = torch.empty(workers, slots, numel // workers // slots, dtype=torch.uint8)
-            self.free = torch.ones(workers, slots, dtype=torch.int32)
-        self._free_np = self.free.numpy()
-        self._turn = 0  # next slot a producer tries first (each worker process has its own copy)
-
-    def acquire(self, worker: int) -> int | None:
-        """A free slot of `worker` (marked in use), or None when all are taken. Called in the worker."""
-        for i in range(self.slots):
-            k = (self._turn + i) % self.slots
-            if self._free_np[worker, k]:
-                self._free_np[worker, k] = 0
-                self._turn = k + 1
-                return k
-        return None
-
-    def slot(self, worker: int, k: int) -> np.ndarray:
-        """Slot k of `worker` as flat bytes (the caller shapes it: HWC rows or CHW)."""
-        return self.buf[worker, k].numpy()
-
-    def tensor(self, worker: int, k: int, n: int) -> torch.Tensor:
-        """The first n samples of a filled slot as a flat uint8 tensor; the slot is freed when that memory is no
-        longer used. Called in the main process."""
-        per = self.buf.shape[2] // self.batch_shape[0]
-        owner = self.buf.numpy()[worker, k, :n * per]  # a fresh ndarray object: torch.from_numpy keeps it alive
-        weakref.finalize(owner, self._release, worker, k).atexit = False
-        return torch.from_numpy(owner)
-
-    def _release(self, worker: int, k: int) -> None:
-        self._free_np[worker, k] = 1
-
-    def __getstate__(self) -> dict[str, Any]:  # spawn start method: the shared tensors travel as handles
-        return {k: v for k, v in self.__dict__.items() if k != "_free_np"}
-
-    def __setstate__(self, d: dict[str, Any]) -> None:
-        self.__dict__.update(d)
-        self._free_np = self.free.numpy()
-
-
-def _batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
-    """An uninitialised uint8 batch. In a DataLoader worker without a ring slot it is allocated in shared memory,
-    as torch's own default_collate does, so the hand-over passes a file descriptor instead of copying."""
-    if torch.utils.data.get_worker_info() is not None:
-        return _shared_uint8(shape)
-    return torch.empty(shape, dtype=torch.uint8)
-
-
-def _shared_uint8(shape: tuple[int, ...]) -> torch.Tensor:
-    """An uninitialised uint8 tensor in shared memory, made as torch's default_collate makes worker batches (no
-    copy or zero fill, unlike ``share_memory_()`` on an existing tensor)."""
-    storage = torch.empty(0, dtype=torch.uint8)._typed_storage()._new_shared(int(np.prod(shape)))
-    return torch.empty(0, dtype=torch.uint8).new(storage).resize_(*shape)
-
-
-def shard_order(num_shards: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
-    """Order in which the shards are concatenated in an epoch (step 2)."""
-    if not shuffle:
-        return np.arange(num_shards)
-    return np.random.default_rng([seed, epoch, 0x5A4D]).permutation(num_shards)
-
-
-def stream_slice(counts: list[int], perm: np.ndarray, lo: int, hi: int) -> np.ndarray:
-    """Global ids at stream positions [lo, hi) when shards are concatenated in `perm` order. Only the shards
-    overlapping the range are expanded, so a rank's part costs O(N / W) memory, not O(N)."""
-    lens = np.asarray(counts, np.int64)[perm]
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)[perm]  # manifest id of each first sample
-    ends = np.cumsum(lens)
-    s0, s1 = int(np.searchsorted(ends, lo, side="right")), int(np.searchsorted(ends, hi, side="left"))
-    sel_lens, sel_starts = lens[s0:s1 + 1], starts[s0:s1 + 1]
-    first = int(ends[s0] - lens[s0]) if s0 < len(lens) else lo  # stream position of shard s0's first sample
-    n = int(sel_lens.sum())
-    pos = np.arange(n) - np.repeat(np.cumsum(sel_lens) - sel_lens, sel_lens)
-    ids = np.repeat(sel_starts, sel_lens) + pos
-    return ids[lo - first: hi - first]
-
-
-def part_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
-    """Stream positions [lo, hi) of rank's part (step 3)."""
-    return n * rank // world_size, n * (rank + 1) // world_size
-
-
-def window_shuffle(part: np.ndarray, seed: int, epoch: int, rank: int, window: int) -> np.ndarray:
-    """Permute each window of `window` consecutive samples (step 4)."""
-    if window <= 1 or len(part) <= 1:
-        return part
-    rng = np.random.default_rng([seed, epoch, rank, 0x3B1F])
-    n_full = len(part) // window
-    keys = rng.random(len(part))
-    # Each window's permutation = argsort of its random keys (full windows as rows of one matrix, then the tail).
-    idx = np.argsort(keys[:n_full * window].reshape(n_full, window), axis=1) + np.arange(n_full)[:, None] * window
-    tail = np.argsort(keys[n_full * window:]) + n_full * window
-    return part[np.concatenate([idx.ravel(), tail])]
-
-
-def epoch_order(counts: list[int], seed: int, epoch: int, rank: int = 0, world_size: int = 1, shuffle: bool = True,
-                window: int = 1000) -> np.ndarray:
-    """Global sample ids (manifest numbering) that rank `rank` reads in `epoch`, in order (steps 1-4 above)."""
-    lo, hi = part_bounds(int(sum(counts)), rank, world_size)
-    part = stream_slice(counts, shard_order(len(counts), seed, epoch, shuffle), lo, hi)
-    return window_shuffle(part, seed, epoch, rank, window) if shuffle else part
-
-
-def batches_per_epoch(n: int, batch_size: int, rank: int, world_size: int, drop_last: bool) -> int:
-    if drop_last:
-        return (n // world_size) // batch_size
-    part = n * (rank + 1) // world_size - n * rank // world_size
-    return -(-part // batch_size)
-
-
 _json_decode = json.JSONDecoder().raw_decode
-
-
-def _as_float(x: Any) -> float:
-    try:
-        return float(x)
-    except (TypeError, ValueError):
-        return math.nan
-
-
-class _LabelTable:
-    """A shard's label table mapped through the vocabularies once: label indexes (count, 3), doses, control
-    flags and keys as arrays, and `ok[j]` False for a sample whose entry is unusable (unknown label, missing or
-    non-finite dose, missing flag); reading such a sample raises or skips with the message of the json path."""
-
-    def __init__(self, cols: dict[str, list[Any]], vocabs: dict[str, Vocab], keys: list[str], shard: str):
-        if cols["key"] != keys:
-            j = next(i for i, (a, b) in enumerate(zip(cols["key"], keys)) if a != b)
-            raise MissingShardError(f"shard {shard}: its label table lists key {cols['key'][j]!r} at position {j}, "
-                                    f"its index {keys[j]!r}")
-        self.cols = cols
-        n = len(keys)
-        self.lab = np.empty((n, len(LABEL_GROUPS)), np.int64)
-        ok = np.ones(n, bool)
-        for i, g in enumerate(LABEL_GROUPS):
-            self.lab[:, i] = vocabs[g].indices(cols[g])
-            ok &= self.lab[:, i] >= 0
-        self.dose = np.asarray([_as_float(d) for d in cols["dose"]], np.float64)  # as the json path: float(dose)
-        ok &= np.isfinite(self.dose)
-        ok &= np.asarray([c is not None for c in cols["is_control"]], bool)
-        self.ctrl = np.asarray([bool(c) for c in cols["is_control"]], bool)
-        self.keys = np.asarray(keys, dtype=object)
-        self.ok = ok.tolist()
-
-    def meta(self, j: int) -> dict[str, Any]:
-        """Sample j's entry as json-member fields (missing values left out), for the error message."""
-        return {c: self.cols[c][j] for c in self.cols if self.cols[c][j] is not None}
 
 
 def _read_raw_into(fd: int, entry: list[int], out: np.ndarray, scratch: bytearray,
@@ -271,7 +114,7 @@ class ShardBatches(Dataset):
 
     def __init__(self, folder: str | Path, split: str, batch_size: int, rank: int, world_size: int, seed: int,
                  shuffle: bool, window: int, bad_sample_policy: str = "error", cache_shards: int = 32,
-                 channels_last: bool = False):
+                 channels_last: bool = False, checksums: str = "first_pass"):
         self.folder = Path(folder)
         self.manifest = load_manifest(self.folder)
         self.split = split
@@ -285,11 +128,23 @@ class ShardBatches(Dataset):
         self.seed, self.shuffle, self.window = seed, shuffle, window
         if bad_sample_policy not in ("error", "skip"):
             raise ValueError(f"bad_sample_policy={bad_sample_policy!r} must be 'error' or 'skip'")
-        self.policy = bad_sample_policy
+        if checksums not in CHECKSUM_POLICIES:
+            raise ValueError(f"checksums={checksums!r} must be one of {list(CHECKSUM_POLICIES)}")
+        self.policy, self.checksums = bad_sample_policy, checksums
+        # first_pass: one flag per sample, in shared memory so that DataLoader workers (which read disjoint
+        # batches) share what has been checked; a sample is marked once it has passed.
+        self._verified = _shared_uint8((int(self.starts[-1]),)).zero_() if checksums == "first_pass" else None
+        unchecked = [r["name"] for r in self.records if r.get("checksum") != CHECKSUM]
+        if unchecked and checksums != "off":  # logged once, here in the main process
+            log.warning("%s: %d of %d shards of split %r (e.g. %s) have no per-sample checksums (written before "
+                        "they existed): their image bytes are read unchecked. `phenoflow data verify %s` checks "
+                        "them against the manifest's sha256; `phenoflow data labels %s` then adds checksums.",
+                        self.folder, len(unchecked), len(self.records), split, unchecked[0], self.folder,
+                        self.folder)
         self.cache_shards, self.channels_last = cache_shards, channels_last
         self._order: tuple[int, np.ndarray] | None = None
         self._files: OrderedDict[int, Any] = OrderedDict()
-        self._indexes: OrderedDict[int, tuple[np.ndarray, list[str], list[list[int]], _LabelTable | None]] = \
+        self._indexes: OrderedDict[int, tuple[np.ndarray, list[str], list[list[int]], LabelTable | None]] = \
             OrderedDict()
         self._pinned = 0  # shards the batch being read holds open: the caches never evict below this
         self.ring: BatchRing | None = None  # set by ShardLoader for each iteration
@@ -302,7 +157,7 @@ class ShardBatches(Dataset):
                                               self.shuffle, self.window))
         return self._order[1]
 
-    def _index(self, s: int) -> tuple[np.ndarray, list[str], list[list[int]], _LabelTable | None]:
+    def _index(self, s: int) -> tuple[np.ndarray, list[str], list[list[int]], LabelTable | None]:
         """(count, 5) int64 (json offset, json size, image offset, image size, image ext code), the keys, the same
         rows as Python lists (what the per-sample loop reads without numpy scalar overhead), and the shard's label
         table when the manifest lists one (else labels come from each sample's json member)."""
@@ -315,8 +170,8 @@ class ShardBatches(Dataset):
             raise ShardError(f"shard {rec['name']}: index lists {len(keys)} samples, manifest {rec['count']}")
         table = None
         if rec.get("labels"):
-            cols = read_label_table(self.folder / rec["labels"], rec["count"])
-            table = _LabelTable(cols, self.vocabs, keys, rec["name"])
+            cols = read_label_table(self.folder / rec["labels"], rec["count"], rec.get("checksum") == CHECKSUM)
+            table = LabelTable(cols, self.vocabs, keys, rec["name"])
         self._indexes[s] = (arr, keys, arr.tolist(), table)
         while len(self._indexes) > max(self.cache_shards, self._pinned):
             self._indexes.popitem(last=False)
@@ -342,8 +197,9 @@ class ShardBatches(Dataset):
         return d
 
     # -- reading ----------------------------------------------------------------------------------------------
-    def read(self, g: int, s: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
-        """Sample with global id g (in shard s when known): (HWC uint8 image, metadata). Errors name shard, key."""
+    def read(self, g: int, s: int | None = None, crc: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+        """Sample with global id g (in shard s when known): (HWC uint8 image, metadata); with `crc`, the image
+        member's bytes must have that crc32. Every failure is a ShardError naming shard and key."""
         if s is None:
             s = int(np.searchsorted(self.starts, g, side="right") - 1)
         j = g - int(self.starts[s])
@@ -359,15 +215,27 @@ class ShardBatches(Dataset):
         buf = os.pread(f.fileno(), hi - lo, lo)
         if len(buf) != hi - lo:
             raise ShardError(f"shard {name}, key {key}: the tar file ends early (truncated shard)")
+        data = memoryview(buf)[io_ - lo: io_ - lo + is_]
+        if crc is not None:
+            self._check_crc(data, crc, name, key)
         try:
             meta = json.loads(buf[jo - lo: jo - lo + js])
+            if not isinstance(meta, dict):
+                raise ValueError(f"the json member is a {type(meta).__name__}, not an object")
             shape = meta.get("shape", self.shape)
-            if tuple(shape) != self.shape:
+            if not isinstance(shape, list) or tuple(shape) != self.shape:
                 raise ValueError(f"shape {shape} differs from the manifest's {list(self.shape)}")
-            img = decode_image(buf[io_ - lo: io_ - lo + is_], list(EXT_TO_ENCODING)[ext], shape)
+            img = decode_image(data, list(EXT_TO_ENCODING)[ext], shape)  # ValueError for any decoder failure
         except ValueError as e:
             raise ShardError(f"shard {name}, key {key}: {e}") from e
         return img, meta
+
+    def _check_crc(self, data: Any, want: int, name: str, key: str) -> None:
+        got = payload_crc(data)
+        if got != want:
+            raise ChecksumError(f"shard {name}, key {key}: the image bytes read have crc32 {got:08x}, the label "
+                                f"table recorded {want:08x} when the shard was written: the shard is damaged or its "
+                                f"index does not fit the tar (`phenoflow data verify {self.folder}` names which)")
 
     def _labels(self, meta: dict[str, Any], shard: str) -> tuple[list[int], float, bool]:
         """Label indexes, dose and is_control of one sample's metadata; ShardError naming shard and key."""
@@ -418,6 +286,7 @@ class ShardBatches(Dataset):
         local = ids - self.starts[shard_of]
         uniq = np.unique(shard_of).tolist()
         self._pinned = len(uniq)  # a batch spanning more shards than the caches hold keeps them all open
+        check = self._to_check(ids)  # per batch position: check the image bytes against the table's crc32
         try:
             src = {s: (self._file(s).fileno(), *self._index(s)[2:], self.records[s]["name"]) for s in uniq}
             n = 0
@@ -428,9 +297,12 @@ class ShardBatches(Dataset):
                         if not table.ok[j]:
                             self._labels(table.meta(j), name)  # raises the json path's message
                             raise ShardError(f"shard {name}, key {table.keys[j]}: unusable label table entry")
+                        want = table.crc[j] if check[pos] and table.crc is not None else None
                         jo, _, io_, is_, ext = entries[j]
                         if ext != _RAW_EXT or is_ != nbytes or jo < 0 or os.preadv(fd, [rows[n]], io_) != nbytes:
-                            rows[n] = self.read(g, s)[0]  # other encodings; raises for damage
+                            rows[n] = self.read(g, s, want)[0]  # other encodings; raises for damage
+                        elif want is not None:
+                            self._check_crc(rows[n], want, name, table.keys[j])
                         from_table.append(pos)
                     else:
                         meta = _read_raw_into(fd, entries[j], rows[n], scratch, self._shape_list)
@@ -438,7 +310,13 @@ class ShardBatches(Dataset):
                             img, meta = self.read(g, s)
                             rows[n] = img
                         lab, d, c = self._labels(meta, name)
-                        labels[n], dose[n], ctrl[n], keys[n] = lab, d, c, str(meta["key"])
+                        labels[n], dose[n], ctrl[n], keys[n] = lab, d, c, str(meta.get("key", self._index(s)[1][j]))
+                except OSError as e:  # an I/O error reading this sample's bytes: the same policy
+                    err = ShardError(f"shard {name}, key {self._index(s)[1][j]}: reading failed: {e}")
+                    if self.policy == "error":
+                        raise err from e
+                    skipped.append(str(err))
+                    continue
                 except ShardError as e:
                     if self.policy == "error" or isinstance(e, MissingShardError):
                         raise
@@ -448,6 +326,8 @@ class ShardBatches(Dataset):
                 n += 1
         finally:
             self._pinned = 0
+        if self._verified is not None and n:  # first_pass: these passed (or have no checksum to check)
+            self._verified.numpy()[ids[kept[:n]]] = 1
         if from_table:  # gather the table-backed labels shard by shard, vectorised
             kept_pos = kept[:n]
             is_tab = np.isin(kept_pos, from_table)
@@ -475,6 +355,11 @@ class ShardBatches(Dataset):
         if skipped:
             out["_skipped"] = skipped
         return out
+
+    def _to_check(self, ids: np.ndarray) -> list[bool]:
+        if self.checksums == "first_pass":
+            return (self._verified.numpy()[ids] == 0).tolist()
+        return [self.checksums == "always"] * len(ids)
 
     def to_batch(self, out: dict[str, Any], ring: BatchRing | None) -> dict[str, Any]:
         """A dict from ``__getitem__`` (possibly from a worker filling `ring`) as the loader's batch of tensors."""
@@ -506,13 +391,16 @@ class ShardLoader:
     batch (which is then shorter), counted in ``skipped`` and logged with shard and key. ``channels_last=True``
     (webdataset backend) skips the HWC -> CHW copy: `image` is then a (B, C, H, W) view with channels-last
     strides (same values; `.contiguous()` or the trainer's move to the GPU makes it dense), a third of the CPU
-    cost of raw data.
+    cost of raw data. ``checksums`` ("first_pass", "always", "off"; webdataset backend) says when image bytes
+    are checked against the crc32 in the shard's label table: a mismatch is a bad sample (ChecksumError).
+    The DALI backend reads the tar members itself and does not check them (`phenoflow data verify` does).
     """
 
     def __init__(self, manifest_dir: str | Path, split: str, batch_size: int, *, rank: int = 0, world_size: int = 1,
                  num_workers: int = 0, seed: int = 0, shuffle: bool = True, drop_last: bool = True,
                  infinite: bool = True, backend: str = "webdataset", bad_sample_policy: str = "error",
-                 shuffle_buffer: int = 1000, prefetch_factor: int = 2, channels_last: bool = False):
+                 shuffle_buffer: int = 1000, prefetch_factor: int = 2, channels_last: bool = False,
+                 checksums: str = "first_pass"):
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         if not 0 <= rank < world_size:
@@ -524,8 +412,12 @@ class ShardLoader:
         self.shuffle, self.drop_last, self.infinite, self.backend = shuffle, drop_last, infinite, backend
         self.prefetch_factor = prefetch_factor
         self.dataset = ShardBatches(manifest_dir, split, batch_size, rank, world_size, seed, shuffle,
-                                    shuffle_buffer, bad_sample_policy, channels_last=channels_last)
+                                    shuffle_buffer, bad_sample_policy, channels_last=channels_last,
+                                    checksums="off" if backend == "dali" else checksums)
         self.manifest = self.dataset.manifest
+        if backend == "dali" and checksums != "off":
+            log.info("%s: the DALI backend does not check per-sample checksums (DALI reads the tar members "
+                     "itself); `phenoflow data verify %s` checks every sample", self.folder, self.folder)
         self.num_samples = int(self.dataset.starts[-1])
         self.per_epoch = batches_per_epoch(self.num_samples, batch_size, rank, world_size, drop_last)
         if infinite and self.per_epoch == 0:
