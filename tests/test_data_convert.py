@@ -181,17 +181,17 @@ def test_empty_dose_of_a_treated_row_is_an_error(tmp_path):
     assert s["splits"] == {"train": 4}
     rows[2]["DOSE"] = ""  # a treated row (taxol): a missing dose must not become 0.0
     _write_csv(tmp_path / "bad.csv", rows)
-    with pytest.raises(ConvertError, match=r"bad\.csv, row 4, column DOSE: the dose of a non-control row is empty"):
+    with pytest.raises(ConvertError, match=r"bad\.csv, row 4, column DOSE, value '': the dose of a non-control row is empty"):
         convert("cellflux", tmp_path / "bad.csv", tmp_path / "out")
     rows[2]["DOSE"] = "high"
     _write_csv(tmp_path / "bad2.csv", rows)
-    with pytest.raises(ConvertError, match=r"bad2\.csv, row 4, column DOSE: dose 'high' is not a number"):
+    with pytest.raises(ConvertError, match=r"bad2\.csv, row 4, column DOSE, value 'high': dose 'high' is not a number"):
         convert("cellflux", tmp_path / "bad2.csv", tmp_path / "out")
     # MiT: a perturbation_id_with_dose without a parsable dose is an error; siRNA CSVs without one keep 0.0.
     mit = [{"path": "x.npy", "experiment_id": "e", "perturbation_id": "taxol", "perturbation_id_with_dose": "taxol_",
             "split": "train"}]
     _write_csv(tmp_path / "mit.csv", mit)
-    with pytest.raises(ConvertError, match="mit\\.csv, row 2, column perturbation_id_with_dose"):
+    with pytest.raises(ConvertError, match="mit\\.csv, row 2, column perturbation_id_with_dose, value 'taxol_'"):
         convert("mit", tmp_path / "mit.csv", tmp_path / "out")
     np.save(tmp_path / "x.npy", _images(1)[0])
     _write_csv(tmp_path / "sirna.csv", [{"path": "x.npy", "experiment_id": "e", "perturbation_id": "sirna_1",
@@ -217,7 +217,7 @@ def _bad_fixture(tmp_path):
 
 def test_bad_samples_error_by_default_naming_row_and_file(tmp_path):
     csv_path = _bad_fixture(tmp_path)
-    with pytest.raises(ConvertError, match=r"row 4, key nan: NaN: .*nan\.npy"):
+    with pytest.raises(ConvertError, match=r"g\.csv, row 4, column path, value 'nan\.npy': NaN: .*nan\.npy: 1 NaN/inf values \(key nan\)"):
         convert("generic", csv_path, tmp_path / "out", shuffle=False)
 
 
@@ -231,7 +231,7 @@ def test_bad_samples_skip_policy_counts_every_case(tmp_path):
 
 def test_bad_csv_errors(tmp_path):
     _write_csv(tmp_path / "a.csv", [{"path": "x.npy"}])
-    with pytest.raises(ConvertError, match="row 2: missing column perturbation"):
+    with pytest.raises(ConvertError, match="row 2, column perturbation, value None: missing"):
         convert("generic", tmp_path / "a.csv", tmp_path / "out")
     _write_csv(tmp_path / "b.csv", [{"path": "x.npy", "perturbation": "a", "dose": "lots"}])
     with pytest.raises(ConvertError, match="dose 'lots'"):

@@ -43,7 +43,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     summary = convert(args.layout, args.csv, args.out, image_root=args.images, samples_per_shard=args.samples_per_shard,
                       encoding=args.encoding, workers=args.workers, channels=args.channels,
                       bad_sample_policy=args.bad_sample_policy, seed=args.seed, image_size=args.image_size,
-                      label_with_dose=args.label_with_dose)
+                      label_with_dose=args.label_with_dose, allow_outside_images=args.allow_outside_images)
     print(json.dumps(summary, indent=1))
     return 0
 
@@ -109,6 +109,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--image-size", type=int, default=0, help="expected image size (0 = from the first image)")
     p.add_argument("--bad-sample-policy", default="error", choices=["error", "skip"])
     p.add_argument("--seed", type=int, default=0, help="seed of the row shuffle before sharding")
+    p.add_argument("--allow-outside-images", action="store_true",
+                   help="read image paths of the CSV that leave --images (absolute paths, '..'); refused by default")
     p.add_argument("--label-with-dose", action="store_true",
                    help="a compound at each dose is its own perturbation class (label <name>_<dose>; MiT layout: "
                         "perturbation_id_with_dose), as the MiT code conditions BBBC021")

@@ -249,8 +249,17 @@ class ShardWriter:
     def __exit__(self, *exc: object) -> None:
         if exc[0] is None:
             self.close()
-        elif self._tar is not None:  # failed: drop the partial shard
-            self._tar.close()
+        else:
+            self.abort()
+
+    def abort(self) -> None:
+        """Drop the shard being written (its temporary tar); shards already finished stay."""
+        if self._tar is not None:
+            try:
+                self._tar.close()
+            except OSError:  # e.g. the write limit that made the writer fail
+                pass
+            self._tar = None
             self._tmp.unlink(missing_ok=True)
 
 
