@@ -16,9 +16,12 @@ from typing import Any
 
 import yaml
 
+from phenoflow.config_validate import validate
+from phenoflow.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A bad config value, field or preset; the message names it."""
+__all__ = ["PRESETS", "Config", "ConfigError", "DataConfig", "EvalConfig", "FlowConfig", "ModelConfig",
+           "RunConfig", "TrainConfig", "dump_yaml", "from_dict", "load_yaml", "parse_overrides", "preset",
+           "resolve", "to_dict", "update", "validate"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -151,102 +154,6 @@ class Config:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Validation: choices and ranges, each failure names its field.
-
-CHOICES: dict[str, tuple[str, ...]] = {
-    "model.arch": ("mit",),
-    "model.size": ("tiny", "S", "B", "L", "XL", "XL-h64"),
-    "model.kernels": ("torch", "triton"),
-    "model.attn_backend": ("auto", "flash_attn", "sdpa", "math"),
-    "flow.path": ("linear", "vp", "bridge"),
-    "flow.coupling": ("independent", "ot", "control"),
-    "flow.time_sampler": ("uniform", "logit_normal"),
-    "data.source": ("synthetic", "shards"),
-    "data.backend": ("webdataset", "dali"),
-    "data.bad_sample_policy": ("error", "skip"),
-    "train.precision": ("auto", "bf16", "fp32"),
-    "train.device": ("auto", "cpu", "cuda"),
-    "train.engine": ("single", "ddp", "deepspeed", "fsdp2"),
-    "eval.solver": ("dopri5", "heun", "euler"),
-    "eval.split": ("train", "val", "test", "iid", "ood", "seen", "unseen"),
-}
-
-POSITIVE = [
-    "model.patch_size", "model.mlp_ratio",
-    "data.image_size", "data.num_perturbations", "data.num_experiments", "data.num_cell_types",
-    "data.train_images", "data.samples_per_shard", "data.shuffle_buffer",
-    "train.batch_size", "train.total_samples", "train.lr", "train.log_every_samples",
-    "train.ckpt_every_samples", "train.max_nonfinite_steps",
-    "eval.rtol", "eval.atol", "eval.steps", "eval.batch_size",
-]
-NON_NEGATIVE = [
-    "model.depth", "model.hidden_size", "model.num_heads", "model.num_perturbations",
-    "model.num_experiments", "model.num_cell_types", "data.val_images", "data.num_workers",
-    "train.micro_batch_size", "train.weight_decay", "train.grad_clip", "train.seed", "eval.max_images",
-    "eval.ema_std", "flow.bridge_sigma", "flow.control_noise",
-]
-UNIT_INTERVAL = ["model.label_dropout", "model.proj_dropout", "train.beta1", "train.beta2"]
-
-
-def _get(cfg: Config, dotted: str) -> Any:
-    section, name = dotted.split(".")
-    return getattr(getattr(cfg, section), name)
-
-
-def validate(cfg: Config) -> Config:
-    for key, choices in CHOICES.items():
-        if _get(cfg, key) not in choices:
-            raise ConfigError(f"{key}={_get(cfg, key)!r} is not one of {list(choices)}")
-    for key in POSITIVE:
-        if not _get(cfg, key) > 0:
-            raise ConfigError(f"{key}={_get(cfg, key)!r} must be > 0")
-    for key in NON_NEGATIVE:
-        if not _get(cfg, key) >= 0:
-            raise ConfigError(f"{key}={_get(cfg, key)!r} must be >= 0")
-    for key in UNIT_INTERVAL:
-        if not 0 <= _get(cfg, key) < 1:
-            raise ConfigError(f"{key}={_get(cfg, key)!r} must be in [0, 1)")
-    if cfg.data.channels not in (3, 6):
-        raise ConfigError(f"data.channels={cfg.data.channels} must be 3 or 6")
-    if cfg.model.patch_size not in (2, 4, 8):
-        raise ConfigError(f"model.patch_size={cfg.model.patch_size} must be 2, 4 or 8")
-    if cfg.data.image_size % cfg.model.patch_size:
-        raise ConfigError(
-            f"data.image_size={cfg.data.image_size} is not divisible by model.patch_size={cfg.model.patch_size}")
-    if cfg.train.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"train.zero_stage={cfg.train.zero_stage} must be 0, 1, 2 or 3")
-    if not cfg.train.ema_stds or any(not 0 < s < 12 ** -0.5 for s in cfg.train.ema_stds):
-        # std of the power-function profile is below 1/sqrt(12) ~ 0.2887 for every gamma > 0
-        raise ConfigError(f"train.ema_stds={cfg.train.ema_stds} must be a non-empty list of values in (0, 1/sqrt(12) = 0.2887)")
-    if cfg.eval.ema_std and cfg.eval.ema_std not in cfg.train.ema_stds:
-        raise ConfigError(f"eval.ema_std={cfg.eval.ema_std} is not one of train.ema_stds={cfg.train.ema_stds}")
-    if not cfg.eval.guidance or any(w < 0 for w in cfg.eval.guidance):
-        raise ConfigError(f"eval.guidance={cfg.eval.guidance} must be a non-empty list of values >= 0")
-    for g in cfg.eval.guidance_groups:
-        if g not in ("perturbation", "experiment", "cell_type"):
-            raise ConfigError(f"eval.guidance_groups entry {g!r} is not perturbation, experiment or cell_type")
-    for f in cfg.eval.features:
-        if f not in ("morphology", "inception", "dinov2"):
-            raise ConfigError(f"eval.features entry {f!r} is not morphology, inception or dinov2")
-    if cfg.flow.coupling == "control":
-        raise ConfigError("flow.coupling=control is not supported by the trainer yet (it needs a per-experiment "
-                          "control pool); counterfactual sampling from controls is `phenoflow evaluate --mode "
-                          "counterfactual`")
-    if cfg.data.source == "shards" and not cfg.data.shards:
-        raise ConfigError("data.shards must name a shard folder when data.source=shards")
-    if cfg.train.deepspeed_config and not Path(cfg.train.deepspeed_config).is_file():
-        raise ConfigError(f"train.deepspeed_config={cfg.train.deepspeed_config!r} is not a file")
-    if cfg.train.cpu_offload and cfg.train.engine != "deepspeed":
-        raise ConfigError(f"train.cpu_offload=true needs train.engine=deepspeed, not {cfg.train.engine!r}")
-    mb = cfg.train.micro_batch_size
-    if mb and cfg.train.batch_size % mb:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not a multiple of train.micro_batch_size={mb}")
-    if not cfg.run.name or "/" in cfg.run.name:
-        raise ConfigError(f"run.name={cfg.run.name!r} must be a non-empty name without '/'")
-    return cfg
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Dict conversion with type checking.
 
 
@@ -322,17 +229,75 @@ def dump_yaml(cfg: Config, path: str | Path | None = None) -> str:
     return text
 
 
-def load_yaml(path: str | Path) -> Config:
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key repeated in one mapping (at any depth): plain YAML keeps the last
+    value silently, so `lr: 1e-4` ... `lr: 1e-2` would train with the second without a word."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise ConfigError(f"duplicate key {key!r} on line {line} (first on line {seen[key]})")
+                    seen[key] = line
+                except TypeError:  # an unhashable key: SafeLoader's own error says so
+                    continue
+        return super().construct_mapping(node, deep=deep)
+
+
+def yaml_load(text: str) -> Any:
+    """yaml.safe_load, refusing duplicate keys (ConfigError naming the key and its lines)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: no Python tags
+
+
+MAX_CONFIG_BYTES = 16 * 2**20
+
+
+def read_config_text(path: str | Path) -> str:
+    """The text of a YAML config file; a missing file, a folder, a device, an unreadable, huge or binary file
+    (NUL bytes, not UTF-8) is a ConfigError naming the path."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"config file {path}: no such file")
+    if p.is_dir():
+        raise ConfigError(f"config file {path}: is a directory, not a YAML file")
+    if not p.is_file():
+        raise ConfigError(f"config file {path}: not a regular file")
     try:
-        values = yaml.safe_load(Path(path).read_text()) or {}
+        if p.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {path}: {p.stat().st_size} bytes is too large for a config "
+                              f"(limit {MAX_CONFIG_BYTES})")
+        data = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"config file {path}: cannot be read ({e.strerror or e})") from e
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise ConfigError(f"config file {path}: a binary file (NUL byte at offset {nul}), not YAML text")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from e
+
+
+def load_yaml(path: str | Path) -> Config:
+    text = read_config_text(path)
+    try:
+        values = yaml_load(text) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        raise ConfigError(f"config file {path}: not valid YAML: {' '.join(str(e).split())}") from e
+    except ConfigError as e:
+        raise ConfigError(f"config file {path}: {e}") from e
     if not isinstance(values, dict):
-        raise ConfigError(f"{path}: expected a mapping of config sections")
+        raise ConfigError(f"config file {path}: expected a mapping of config sections, got {type(values).__name__}")
     try:
         return from_dict(values)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from e
+        raise ConfigError(f"config file {path}: {e}") from e
 
 
 def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
@@ -346,9 +311,9 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
         if len(parts) != 2 or not all(parts):
             raise ConfigError(f"override key {key!r} must be section.field")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: cannot parse value: {e}") from e
+            value = yaml_load(raw) if raw.strip() else ""
+        except (yaml.YAMLError, ConfigError) as e:
+            raise ConfigError(f"override {item!r}: cannot parse value: {' '.join(str(e).split())}") from e
         out.setdefault(parts[0], {})[parts[1]] = value
     return out
 
