@@ -103,7 +103,7 @@ def mean_over_ranks(value: float) -> float:
 def load_export(run_dir: str | Path, ema_std: float | None = None) -> tuple[torch.nn.Module, Config, dict[str, int]]:
     """Build the model from run_dir/export (model.json + ema-<std>.safetensors, or model.safetensors for std 0)."""
     from phenoflow.model.mit import build_model
-    from phenoflow.train.checkpoint import ema_filename, load_safetensors
+    from phenoflow.train.checkpoint import ema_filename, load_safetensors, load_weights
 
     export = Path(run_dir) / "export"
     meta_path = export / "model.json"
@@ -122,10 +122,7 @@ def load_export(run_dir: str | Path, ema_std: float | None = None) -> tuple[torc
     # Non-persistent buffers (e.g. the fixed sin-cos position embedding) may be in an export; they are rebuilt.
     buffers = {k for k, _ in model.named_buffers()} - set(model.state_dict())
     state = {k: v for k, v in state.items() if k not in buffers}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{wfile}: weights do not match the model built from {meta_path}: "
-                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    load_weights(model, state, wfile, built_from=str(meta_path))  # CheckpointError naming file, tensor, shapes
     return model, cfg, vocab_sizes
 
 
