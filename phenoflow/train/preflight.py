@@ -1,0 +1,108 @@
+"""Checks of a config against its data and run folder, made before anything is written.
+
+`validate` (phenoflow.config_validate) checks what the config alone decides. `preflight(cfg, world_size)`
+adds what needs the data: the size of the train split (known from the config for synthetic data, from the
+manifest for shards) against the batch per rank, the shards' image shape against data.image_size and
+data.channels, their vocabularies against model.num_*, the eval split, and whether a checkpoint to resume
+from is readable at all. It reads only (the manifest, a file's size and last bytes) and never writes, so a
+run that fails it leaves no run folder, no config.yaml and no synthetic data behind. Every failure is a
+ConfigError (or a CheckpointError) naming the fields and values.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from phenoflow.errors import ConfigError
+
+LABEL_FIELDS = (("perturbation", "num_perturbations"), ("experiment", "num_experiments"),
+                ("cell_type", "num_cell_types"))
+
+
+def micro_batch(cfg: Any, world_size: int) -> int:
+    """Samples per rank per forward pass; ConfigError if the global batch does not split over the ranks."""
+    t = cfg.train
+    if world_size < 1:
+        raise ConfigError(f"world size {world_size} must be >= 1")
+    if t.batch_size % world_size:
+        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the world size {world_size}")
+    mb = t.micro_batch_size or t.batch_size // world_size
+    if t.batch_size % (mb * world_size):
+        raise ConfigError(f"train.batch_size={t.batch_size} is not a multiple of train.micro_batch_size={mb} x "
+                          f"world size {world_size}")
+    return mb
+
+
+def data_summary(cfg: Any) -> dict[str, Any]:
+    """What the run's data will hold: {"counts": {split: n}, "image_shape": (h, w, c), "vocab_sizes": {group: n},
+    "where": a phrase naming the source}. Synthetic data from the config; shards from their manifest."""
+    d = cfg.data
+    if d.source == "synthetic":
+        return {"counts": {"train": d.train_images, "val": d.val_images},
+                "image_shape": (d.image_size, d.image_size, d.channels),
+                # the generator's vocabularies: a control plus the perturbations, experiments, cell types
+                "vocab_sizes": {"perturbation": d.num_perturbations + 1, "experiment": d.num_experiments,
+                                "cell_type": d.num_cell_types},
+                "where": "the synthetic data", "train": f"data.train_images={d.train_images}"}
+    from phenoflow.data.shards import load_manifest
+
+    try:
+        m = load_manifest(d.shards)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"data.shards={d.shards!r}: {e}") from e
+    try:
+        counts = {s: int(v["count"]) for s, v in m["splits"].items()}
+        h, w, c = (int(x) for x in m["image_shape"])
+        vocab_sizes = {g: len(m["vocabs"][g]) for g, _ in LABEL_FIELDS if g in m["vocabs"]}
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"data.shards={d.shards!r}: {Path(d.shards) / 'manifest.json'} has a malformed "
+                          f"splits/image_shape/vocabs field ({type(e).__name__}: {e})") from e
+    return {"counts": counts, "image_shape": (h, w, c), "vocab_sizes": vocab_sizes,
+            "where": f"the shards in {d.shards}", "train": f"the train split of data.shards={d.shards!r}"}
+
+
+def check_data(cfg: Any, world_size: int, summary: dict[str, Any], evaluate: bool = False) -> None:
+    d, m, t = cfg.data, cfg.model, cfg.train
+    h, w, c = summary["image_shape"]
+    where = summary["where"]
+    if (h, w) != (d.image_size, d.image_size):
+        raise ConfigError(f"data.image_size={d.image_size} but {where} hold {h}x{w} images")
+    if c != d.channels:
+        raise ConfigError(f"data.channels={d.channels} but {where} hold {c}-channel images")
+    for group, name in LABEL_FIELDS:
+        n_cfg, n_data = getattr(m, name), summary["vocab_sizes"].get(group, 0)
+        if n_cfg and n_data > n_cfg:
+            raise ConfigError(f"model.{name}={n_cfg} is smaller than the {group} vocabulary of {where} ({n_data})")
+    counts = summary["counts"]
+    if "train" not in counts:
+        raise ConfigError(f"{where} have no train split (splits: {sorted(counts)})")
+    n_train = counts["train"]
+    mb = micro_batch(cfg, world_size)
+    if n_train // world_size < mb:
+        # The trainer reads with drop_last=True: each rank needs at least one full micro batch of its part.
+        per_rank = f", {n_train // world_size} per rank over {world_size} ranks" if world_size > 1 else ""
+        raise ConfigError(f"train.batch_size={t.batch_size} (micro batch {mb} per rank) is larger than "
+                          f"{summary['train']} ({n_train} images{per_rank}): the trainer drops incomplete batches, "
+                          f"so no step could run; lower train.batch_size or use more data")
+    if evaluate:
+        split = cfg.eval.split
+        if split not in counts or counts[split] == 0:
+            have = sorted(s for s, n in counts.items() if n)
+            raise ConfigError(f"eval.split={split!r} has no images in {where} (splits with images: {have})")
+
+
+def check_resume_files(cfg: Any) -> None:
+    """A consolidated checkpoint to resume from must look complete: present but empty or truncated is a
+    CheckpointError naming it before any work (the full load happens in the trainer)."""
+    from phenoflow.train.checkpoint import check_checkpoint_file
+
+    latest = cfg.run_dir / "checkpoints" / "latest.pt"
+    if latest.exists():
+        check_checkpoint_file(latest)
+
+
+def preflight(cfg: Any, world_size: int = 1, evaluate: bool = False) -> None:
+    """Every check of `cfg` against its data and run folder that can be made before anything is written.
+    `world_size`: the number of training processes; `evaluate`: the command also evaluates (eval.split)."""
+    check_data(cfg, world_size, data_summary(cfg), evaluate=evaluate)
+    check_resume_files(cfg)
