@@ -5,6 +5,11 @@
     phenoflow data synth|convert|plan ...
     phenoflow sample / evaluate ...
 Every command that takes a config accepts --preset NAME or --config FILE.yaml plus dotted overrides.
+
+Exit codes: 0 done; 2 a user-facing failure (bad config or config file, data, checkpoint or weights file: one
+paragraph naming the file, row, field or value); 3 training stopped on non-finite steps (a diagnostic
+checkpoint is written). `phenoflow --debug ...` (or --debug after the subcommand, or PHENOFLOW_DEBUG=1) also
+prints the traceback.
 """
 from __future__ import annotations
 
@@ -12,33 +17,26 @@ import argparse
 import os
 import sys
 import time
+import traceback
 
-from phenoflow.config import PRESETS, Config, ConfigError, dump_yaml, resolve
+from phenoflow.cli_args import (
+    add_config_args,
+    config_from_args,
+    dry_run,
+    launch_world_size,
+)
+from phenoflow.errors import ConfigError, PhenoflowError
 
-
-def add_config_args(p: argparse.ArgumentParser, default_preset: str = "demo") -> None:
-    p.add_argument("--preset", default=default_preset, help=f"named preset (default {default_preset}); one of: "
-                   + ", ".join(sorted(PRESETS)))
-    p.add_argument("--config", default=None, help="a YAML config file (instead of --preset)")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.batch_size=32 eval.guidance=[1,2]")
-
-
-def config_from_args(args) -> Config:
-    return resolve(args.preset, args.overrides, config_file=args.config)
-
-
-def dry_run(cfg: Config, args) -> bool:
-    if getattr(args, "dry_run", False):
-        sys.stdout.write(dump_yaml(cfg))
-        return True
-    return False
+__all__ = ["add_config_args", "build_parser", "config_from_args", "dry_run", "main"]
 
 
 def cmd_train(args) -> int:
     cfg = config_from_args(args)
     if dry_run(cfg, args):
         return 0
+    from phenoflow.train.preflight import preflight
+
+    preflight(cfg, world_size=launch_world_size())  # before anything is written
     from phenoflow.train.trainer import train
 
     out = train(cfg)
@@ -51,6 +49,9 @@ def cmd_demo(args) -> int:
     cfg = config_from_args(args)
     if dry_run(cfg, args):
         return 0
+    from phenoflow.train.preflight import preflight
+
+    preflight(cfg, world_size=1, evaluate=True)  # before anything is written
     from phenoflow.eval.evaluate import evaluate
     from phenoflow.train.trainer import train
 
@@ -65,9 +66,24 @@ def cmd_demo(args) -> int:
     return 0
 
 
+DEBUG_HELP = "on a failure, also print the Python traceback (also: PHENOFLOW_DEBUG=1)"
+
+
+def _add_debug_everywhere(parser: argparse.ArgumentParser) -> None:
+    """Accept --debug after any (sub)command too. SUPPRESS as default: a subparser that is not given the flag
+    leaves the top-level value alone."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                if not any("--debug" in a.option_strings for a in sub._actions):
+                    sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+                _add_debug_everywhere(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="phenoflow", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="the whole pipeline on embedded synthetic data (a few minutes on CPU)")
@@ -86,17 +102,47 @@ def build_parser() -> argparse.ArgumentParser:
     data_commands.register(sub)
     eval_commands.register(sub)
     train_commands.register(sub)
+    _add_debug_everywhere(parser)
     return parser
+
+
+def exit_code_for(e: BaseException) -> int | None:
+    """The exit status for a user-facing failure, None for anything else (a bug: its traceback is shown)."""
+    if isinstance(e, PhenoflowError):
+        return e.exit_code
+    trainer = sys.modules.get("phenoflow.train.trainer")  # its NonFiniteError, if not yet a PhenoflowError
+    if trainer is not None and isinstance(e, getattr(trainer, "NonFiniteError", ())):
+        return 3
+    if isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
+        return 2  # a named input file that is missing or unreadable
+    return None
+
+
+def error_message(e: BaseException, code: int) -> str:
+    """One paragraph: the error's own message, which names the file, row, field or value."""
+    text = str(e).strip() or type(e).__name__
+    if isinstance(e, ConfigError):
+        return f"phenoflow: config error: {text}"
+    if code == 3:
+        return f"phenoflow: training stopped: {text}"
+    return f"phenoflow: error: {text}"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = bool(getattr(args, "debug", False)) or os.environ.get("PHENOFLOW_DEBUG", "") not in ("", "0")
     try:
         return args.func(args)
-    except ConfigError as e:
-        print(f"phenoflow: config error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:
+        code = exit_code_for(e)
+        if code is None:
+            raise
+        if debug:
+            traceback.print_exc()
+        hint = "" if debug or isinstance(e, ConfigError) else " (rerun with --debug for the traceback)"
+        print(error_message(e, code) + hint, file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -12,12 +12,11 @@ import argparse
 import logging
 from pathlib import Path
 
+from phenoflow.cli_args import add_config_args, config_from_args, dry_run
 from phenoflow.config import validate
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    from phenoflow.cli import add_config_args
-
     add_config_args(p)
     p.add_argument("--run-dir", default=None, help="run folder with export/ (default: run.out_dir/run.name)")
     p.add_argument("--mode", choices=("generate", "counterfactual"), default="generate",
@@ -54,8 +53,6 @@ def _finish_distributed(started: bool) -> None:
 
 
 def cmd_evaluate(args) -> int:
-    from phenoflow.cli import config_from_args, dry_run
-
     cfg = config_from_args(args)
     if dry_run(cfg, args):
         return 0
@@ -68,7 +65,6 @@ def cmd_evaluate(args) -> int:
 
 
 def _evaluate_splits(cfg, args) -> int:
-    from phenoflow.cli import config_from_args
     from phenoflow.eval.evaluate import evaluate
 
     if not args.splits:
@@ -91,8 +87,6 @@ def _evaluate_splits(cfg, args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from phenoflow.cli import config_from_args, dry_run
-
     cfg = config_from_args(args)
     if dry_run(cfg, args):
         return 0

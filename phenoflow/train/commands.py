@@ -1,17 +1,10 @@
 """`phenoflow plan` and `phenoflow bench train`: registered by phenoflow.cli next to the data/eval commands."""
 from __future__ import annotations
 
-import argparse
-
-
-def _config_args(p: argparse.ArgumentParser, default_preset: str) -> None:
-    from phenoflow.cli import add_config_args
-
-    add_config_args(p, default_preset)
+from phenoflow.cli_args import add_config_args, config_from_args, dry_run
 
 
 def cmd_plan(args) -> int:
-    from phenoflow.cli import config_from_args, dry_run
     from phenoflow.train.planner import run
 
     cfg = config_from_args(args)
@@ -26,7 +19,6 @@ def cmd_plan(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from phenoflow.cli import config_from_args, dry_run
     from phenoflow.train.bench import bench_train
 
     cfg = config_from_args(args)
@@ -40,7 +32,7 @@ def register(subparsers) -> None:
     from phenoflow.train.planner import add_args
 
     p = subparsers.add_parser("plan", help="per-GPU memory, communication and scaling efficiency for a cluster")
-    _config_args(p, "mit-xl2-pretrain")
+    add_config_args(p, "mit-xl2-pretrain")
     add_args(p)
     p.set_defaults(func=cmd_plan)
 
@@ -48,7 +40,7 @@ def register(subparsers) -> None:
     bsub = p.add_subparsers(dest="bench_what", required=True)
     b = bsub.add_parser("train", help="run N training steps of a preset (any engine; under torchrun for ddp/"
                         "deepspeed/fsdp2) and print a step-time table")
-    _config_args(b, "demo")
+    add_config_args(b, "demo")
     b.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
     b.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator)")
     b.add_argument("--profile", default="", help="write a torch profiler trace (Chrome JSON) to this folder")
