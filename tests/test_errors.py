@@ -116,6 +116,14 @@ def test_empty_and_truncated_checkpoint_files_name_the_file(tmp_path):
             fn(cut)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "nope.pt")
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "foreign.pt", "w") as z:
+        z.writestr("readme.txt", "a zip, not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"foreign\.pt is a zip archive but not a torch checkpoint"):
+        check_checkpoint_file(tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match=r"foreign\.pt"):
+        load_checkpoint(tmp_path / "foreign.pt")
 
 
 def test_cli_resume_from_empty_latest_pt(tmp_path):

@@ -59,6 +59,13 @@ def check_checkpoint_file(path: str | Path) -> None:
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"checkpoint {path} ({size} bytes) is truncated or not a torch checkpoint (no zip "
                               f"directory at its end); move it away to start over")
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"checkpoint {path} ({size} bytes) is corrupt ({e}); move it away to start over") from e
+    if not any(n.endswith("/data.pkl") or n == "data.pkl" for n in names):
+        raise CheckpointError(f"checkpoint {path} is a zip archive but not a torch checkpoint (no data.pkl member)")
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict[str, Any]:
