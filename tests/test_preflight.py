@@ -110,3 +110,20 @@ def test_cli_faults_leave_nothing_written(tmp_path, override, needle):
     assert r.returncode == 2, r.stderr[-3000:]
     assert needle in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "runs" / "r").exists() and not (tmp_path / "runs").exists()
+
+
+def test_eval_commands_check_their_split_first(tmp_path):
+    from phenoflow.train.preflight import preflight_eval
+
+    preflight_eval(cfg_of(tmp_path))
+    with pytest.raises(ConfigError, match=r"eval\.split='seen' has no images in the synthetic data"):
+        preflight_eval(cfg_of(tmp_path), ["val", "seen"])
+    shards = write_manifest(tmp_path / "shards", counts={"train": 64, "test": 8})
+    preflight_eval(cfg_of(tmp_path, "eval.split=test"), data_dir=shards)
+    with pytest.raises(ConfigError, match=r"eval\.split='val' has no images in the shards in"):
+        preflight_eval(cfg_of(tmp_path), data_dir=shards)
+    r = subprocess.run([sys.executable, "-m", "phenoflow.cli", "sample", "--preset", "demo", *TINY, "eval.split=test",
+                        f"run.out_dir={tmp_path / 'runs'}", "run.name=r"],
+                       capture_output=True, text=True, check=False, timeout=180)
+    assert r.returncode == 2 and "eval.split='test'" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "runs").exists()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from phenoflow.cli_args import add_config_args, config_from_args, dry_run
 from phenoflow.config import validate
+from phenoflow.train.preflight import preflight_eval
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -56,6 +57,7 @@ def cmd_evaluate(args) -> int:
     cfg = config_from_args(args)
     if dry_run(cfg, args):
         return 0
+    preflight_eval(cfg, args.splits, args.data_dir)  # before any data or report is written
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     started = _launch_distributed(cfg)
     try:
@@ -90,6 +92,7 @@ def cmd_sample(args) -> int:
     cfg = config_from_args(args)
     if dry_run(cfg, args):
         return 0
+    preflight_eval(cfg, None, args.data_dir)  # before any data or sample is written
     from phenoflow.eval.evaluate import sample
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -44,21 +44,26 @@ def data_summary(cfg: Any) -> dict[str, Any]:
                 "vocab_sizes": {"perturbation": d.num_perturbations + 1, "experiment": d.num_experiments,
                                 "cell_type": d.num_cell_types},
                 "where": "the synthetic data", "train": f"data.train_images={d.train_images}"}
+    return shards_summary(d.shards, "data.shards")
+
+
+def shards_summary(folder: str | Path, field: str) -> dict[str, Any]:
+    """data_summary of a shard folder, read from its manifest; errors name `field` (e.g. data.shards)."""
     from phenoflow.data.shards import load_manifest
 
     try:
-        m = load_manifest(d.shards)
+        m = load_manifest(folder)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"data.shards={d.shards!r}: {e}") from e
+        raise ConfigError(f"{field}={str(folder)!r}: {e}") from e
     try:
         counts = {s: int(v["count"]) for s, v in m["splits"].items()}
         h, w, c = (int(x) for x in m["image_shape"])
         vocab_sizes = {g: len(m["vocabs"][g]) for g, _ in LABEL_FIELDS if g in m["vocabs"]}
     except (KeyError, TypeError, ValueError) as e:
-        raise ConfigError(f"data.shards={d.shards!r}: {Path(d.shards) / 'manifest.json'} has a malformed "
+        raise ConfigError(f"{field}={str(folder)!r}: {Path(folder) / 'manifest.json'} has a malformed "
                           f"splits/image_shape/vocabs field ({type(e).__name__}: {e})") from e
     return {"counts": counts, "image_shape": (h, w, c), "vocab_sizes": vocab_sizes,
-            "where": f"the shards in {d.shards}", "train": f"the train split of data.shards={d.shards!r}"}
+            "where": f"the shards in {folder}", "train": f"the train split of {field}={str(folder)!r}"}
 
 
 def check_data(cfg: Any, world_size: int, summary: dict[str, Any], evaluate: bool = False) -> None:
@@ -85,10 +90,15 @@ def check_data(cfg: Any, world_size: int, summary: dict[str, Any], evaluate: boo
                           f"{summary['train']} ({n_train} images{per_rank}): the trainer drops incomplete batches, "
                           f"so no step could run; lower train.batch_size or use more data")
     if evaluate:
-        split = cfg.eval.split
-        if split not in counts or counts[split] == 0:
+        check_eval_splits(summary, [cfg.eval.split])
+
+
+def check_eval_splits(summary: dict[str, Any], splits: list[str]) -> None:
+    counts = summary["counts"]
+    for split in splits:
+        if not counts.get(split):
             have = sorted(s for s, n in counts.items() if n)
-            raise ConfigError(f"eval.split={split!r} has no images in {where} (splits with images: {have})")
+            raise ConfigError(f"eval.split={split!r} has no images in {summary['where']} (splits with images: {have})")
 
 
 def check_resume_files(cfg: Any) -> None:
@@ -106,3 +116,10 @@ def preflight(cfg: Any, world_size: int = 1, evaluate: bool = False) -> None:
     `world_size`: the number of training processes; `evaluate`: the command also evaluates (eval.split)."""
     check_data(cfg, world_size, data_summary(cfg), evaluate=evaluate)
     check_resume_files(cfg)
+
+
+def preflight_eval(cfg: Any, splits: list[str] | None = None, data_dir: str | Path | None = None) -> None:
+    """`phenoflow evaluate` / `sample`: each split to generate for has images in the data (the config's data,
+    or the shard folder given with --data-dir), checked before synthetic data or samples are written."""
+    summary = data_summary(cfg) if data_dir is None else shards_summary(data_dir, "--data-dir")
+    check_eval_splits(summary, list(splits or [cfg.eval.split]))
