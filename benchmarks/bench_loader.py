@@ -6,6 +6,10 @@ Rows (benchmarks/results/loader.csv, with device, commit, date):
              CPU pipeline without CUDA) | npy_files (the baseline)
   encoding   raw | png | npy (baseline)
   layout     contiguous (B, C, H, W) batches | channels_last (the webdataset backend's copy-free view)
+  checksums  the webdataset backend's check of image bytes against the label tables' crc32: first_pass (the
+             default: each sample until it has passed once per loader, so in the first of the --epochs epochs
+             only), always, off; every --checksums policy is measured for raw channels_last, the trainer's
+             layout, and the default for the other variants ("-" for the baseline and DALI, which do not check)
   workers    DataLoader worker processes (0 = the main process; DALI: pipeline threads)
   samples_per_s (median of --rounds interleaved repetitions; _min/_max beside it), samples_per_s_per_worker
   (divided by max(workers, 1)), speedup_vs_npy_files (median over rounds of the ratio to the baseline at the
@@ -15,7 +19,7 @@ Rows (benchmarks/results/loader.csv, with device, commit, date):
 The data are written just before they are read, so reads come from the page cache: this measures the loader's
 CPU cost (tar/index reads, decoding, batching), not the storage. Shuffling is on (default window 1000). Each
 measurement reads --epochs epochs through one iterator (the baseline: a RandomSampler over as many samples).
-Run:  python benchmarks/bench_loader.py [--smoke] [--workers 0 1 2] [--images 8192]
+Run:  python benchmarks/bench_loader.py [--smoke] [--workers 0 1 2] [--images 8192] [--checksums off always]
 """
 from __future__ import annotations
 
@@ -88,7 +92,7 @@ def _channels_last_batches(it):
         yield b.permute(0, 3, 1, 2)
 
 
-def _make_data(root: Path, n: int, size: int, per_shard: int) -> dict[str, Path]:
+def _make_data(root: Path, n: int, size: int, per_shard: int, encodings: list[str]) -> dict[str, Path]:
     import numpy as np
 
     from phenoflow.data.shards import write_shards
@@ -96,7 +100,7 @@ def _make_data(root: Path, n: int, size: int, per_shard: int) -> dict[str, Path]
 
     images, meta = generate_synthetic(SyntheticSpec(image_size=size, channels=6, num_perturbations=8), n, "train")
     out = {}
-    for enc in ("raw", "png"):
+    for enc in encodings:
         out[enc] = root / enc
         write_shards(images, meta, out[enc], per_shard, encoding=enc)
     # The baseline layout: nested folders of .npy files plus a CSV.
@@ -138,6 +142,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--encodings", nargs="+", default=["raw", "png"])
     p.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of every variant (median)")
     p.add_argument("--epochs", type=int, default=2, help="epochs read per measurement")
+    p.add_argument("--checksums", nargs="+", default=["first_pass", "always", "off"],
+                   help="checksum policies measured for webdataset raw channels_last (others: first_pass)")
     args = common.finish_args(p.parse_args(argv))
     if args.smoke:
         args.images, args.batch, args.workers, args.rounds, args.epochs = 192, 32, [0], 1, 1
@@ -160,23 +166,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
     tmp = Path(tempfile.mkdtemp(prefix="bench_loader_"))
     rows: list[dict] = []
     try:
-        data = _make_data(tmp, args.images, args.image_size, max(64, args.images // 8))
+        data = _make_data(tmp, args.images, args.image_size, max(64, args.images // 8), args.encodings)
         # Timed: batches 1 .. max_batches (the first, with start-up, is not counted) over --epochs epochs, so the
         # one-off costs of an iterator (opening shards, first touch of buffers) weigh as in a long run.
         max_batches = args.epochs * (args.images // args.batch) - 1
         # The baseline first in every round, so each shard row has a same-round ratio.
         order = (["npy_files"] if "npy_files" in backends else []) + [b for b in backends if b != "npy_files"]
-        variants = [(b, e, "contiguous") for b in order for e in (["npy"] if b == "npy_files" else args.encodings)]
+        def policy(b: str) -> str:
+            return "first_pass" if b == "webdataset" else "-"
+
+        variants = [(b, e, "contiguous", policy(b)) for b in order
+                    for e in (["npy"] if b == "npy_files" else args.encodings)]
         if "npy_files" in backends:
-            variants.append(("npy_files", "npy", "channels_last"))
-        variants += [("webdataset", e, "channels_last") for e in args.encodings if "webdataset" in backends]
+            variants.append(("npy_files", "npy", "channels_last", "-"))
+        if "webdataset" in backends:
+            variants += [("webdataset", e, "channels_last", c) for e in args.encodings
+                         for c in (args.checksums if e == "raw" else ["first_pass"])]
         # Rounds interleave every variant, so machine noise (a shared VM's neighbours) falls on all of them alike;
         # a row reports the median rate over rounds and the median of its per-round ratios to the baseline.
         runs: dict[tuple, list[tuple[float, float, tuple[float, float]]]] = {}
         for rnd in range(args.rounds):
             for w in args.workers:
                 base = {"contiguous": float("nan"), "channels_last": float("nan")}
-                for backend, enc, layout in variants:
+                for backend, enc, layout, checks in variants:
                     rss: list[tuple[float, float]] = []
                     if backend == "npy_files":
                         ds = NpyFiles(data["npy"], channels_last=layout == "channels_last")
@@ -189,18 +201,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     else:
                         it = iter(ShardLoader(data[enc], "train", args.batch, backend=backend,
                                               num_workers=w, seed=rnd, infinite=True,
-                                              channels_last=layout == "channels_last"))
+                                              channels_last=layout == "channels_last",
+                                              checksums="off" if checks == "-" else checks))
                     n, dt = _drain(it, max_batches, rss)
                     del it
                     rate = n / dt
                     if backend == "npy_files":
                         base[layout] = rate
                     mem = rss[0] if rss else (_rss_mb(), _private_mb())
-                    runs.setdefault((backend, enc, layout, w), []).append((rate, rate / base[layout], mem))
-        for (backend, enc, layout, w), rs in runs.items():
+                    runs.setdefault((backend, enc, layout, checks, w), []).append((rate, rate / base[layout], mem))
+        for (backend, enc, layout, checks, w), rs in runs.items():
             rates = [r[0] for r in rs]
             rate = float(np.median(rates))
             rows.append({"bench": NAME, "backend": backend, "encoding": enc, "layout": layout, "workers": w,
+                         "checksums": checks,
                          "image_shape": f"{args.image_size}x{args.image_size}x6", "batch": args.batch,
                          "samples": args.batch * max_batches, "rounds": len(rs), "samples_per_s": rate,
                          "samples_per_s_min": min(rates), "samples_per_s_max": max(rates),

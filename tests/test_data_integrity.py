@@ -8,7 +8,12 @@ import sys
 
 import pytest
 
-from phenoflow.data.errors import ChecksumError, DataError, MissingShardError, ShardError
+from phenoflow.data.errors import (
+    ChecksumError,
+    DataError,
+    MissingShardError,
+    ShardError,
+)
 from phenoflow.data.integrity import verify_shards
 from phenoflow.data.loader import ShardLoader
 from phenoflow.data.prepare import write_synthetic

@@ -26,7 +26,13 @@ import numpy as np
 import torch
 
 from .errors import ShardError
-from .order import batches_per_epoch, part_bounds, shard_order, stream_slice, window_shuffle
+from .order import (
+    batches_per_epoch,
+    part_bounds,
+    shard_order,
+    stream_slice,
+    window_shuffle,
+)
 from .shards import index_array, read_index
 from .vocab import LABEL_GROUPS
 
@@ -189,7 +195,7 @@ def _collate(loader: ShardLoader, chunk: list[tuple[Any, dict[str, Any] | str, s
     for img, m, shard, key in chunk:
         try:
             if isinstance(m, str):
-                raise ValueError(m)
+                raise ValueError(m)  # noqa: TRY004
             lab = {g: vocabs[g].index(str(m[g])) for g in LABEL_GROUPS}
             missing = [f for f in ("dose", "is_control") if f not in m]
             if missing:

@@ -27,7 +27,13 @@ from .shards import (
     tar_index_rows,
     write_manifest,
 )
-from .tables import CHECKSUM, LABEL_COLUMNS, payload_crc, read_label_table, write_label_table
+from .tables import (
+    CHECKSUM,
+    LABEL_COLUMNS,
+    payload_crc,
+    read_label_table,
+    write_label_table,
+)
 from .vocab import LABEL_GROUPS
 
 
@@ -67,7 +73,7 @@ def label_table_from_tar(folder: str | Path, record: dict[str, Any], checksums: 
             try:
                 meta = json.loads(f.read(size))
                 if not isinstance(meta, dict):
-                    raise ValueError(f"a {type(meta).__name__}, not an object")
+                    raise ValueError(f"a {type(meta).__name__}, not an object")  # noqa: TRY004
             except ValueError as err:
                 raise ShardError(f"shard {record['name']}, key {e['__key__']}: json member: {err}") from None
             for c in LABEL_COLUMNS:  # a missing field stays missing (null) so the loader reports that sample

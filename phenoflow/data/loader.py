@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .errors import ChecksumError, DataError, MissingShardError, ShardError
+from .errors import ChecksumError, MissingShardError, ShardError
 from .order import (  # noqa: F401  re-exported: callers import the order functions from here
     batches_per_epoch,
     epoch_order,
@@ -50,8 +50,16 @@ from .order import (  # noqa: F401  re-exported: callers import the order functi
     stream_slice,
     window_shuffle,
 )
-from .ring import BatchRing, _batch_buffer, _shared_uint8  # noqa: F401  (re-exported)
-from .shards import ENCODINGS, EXT_TO_ENCODING, decode_image, index_array, load_manifest, manifest_vocabs, split_shards
+from .ring import BatchRing, _batch_buffer, _shared_uint8
+from .shards import (
+    ENCODINGS,
+    EXT_TO_ENCODING,
+    decode_image,
+    index_array,
+    load_manifest,
+    manifest_vocabs,
+    split_shards,
+)
 from .tables import CHECKSUM, LabelTable, payload_crc, read_label_table
 from .vocab import LABEL_GROUPS, UnknownLabelError, Vocab
 
@@ -221,7 +229,7 @@ class ShardBatches(Dataset):
         try:
             meta = json.loads(buf[jo - lo: jo - lo + js])
             if not isinstance(meta, dict):
-                raise ValueError(f"the json member is a {type(meta).__name__}, not an object")
+                raise ValueError(f"the json member is a {type(meta).__name__}, not an object")  # noqa: TRY004
             shape = meta.get("shape", self.shape)
             if not isinstance(shape, list) or tuple(shape) != self.shape:
                 raise ValueError(f"shape {shape} differs from the manifest's {list(self.shape)}")

@@ -124,7 +124,7 @@ def decode_image(data: bytes, ext: str, shape: Sequence[int]) -> np.ndarray:
     except Exception as e:  # noqa: BLE001  untrusted bytes: any decoder failure is this sample's damage
         raise ValueError(f"the {ext} member does not decode ({type(e).__name__}: {e})") from None
     if not isinstance(arr, np.ndarray):
-        raise ValueError(f"the {ext} member holds a {type(arr).__name__}, not an array")
+        raise ValueError(f"the {ext} member holds a {type(arr).__name__}, not an array")  # noqa: TRY004
     if arr.ndim == 2 and c == 1:
         arr = arr[:, :, None]
     if tuple(arr.shape) != (h, w, c):
@@ -512,7 +512,7 @@ def read_sample(f: Any, entry: dict[str, Any], shard: str, shape: Sequence[int])
             raise ValueError("the tar file ends early (truncated shard)")
         meta = json.loads(meta_bytes)
         if not isinstance(meta, dict):
-            raise ValueError(f"json member is a {type(meta).__name__}, not an object")
+            raise ValueError(f"json member is a {type(meta).__name__}, not an object")  # noqa: TRY004
         return decode_image(data, img_ext, meta.get("shape", shape)), meta
     except (ValueError, OSError) as e:
         raise ShardError(f"shard {shard}, key {key}: {e}") from e
