@@ -44,6 +44,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.source": ("synthetic", "shards"),
     "data.backend": ("webdataset", "dali"),
     "data.bad_sample_policy": ("error", "skip"),
+    "data.checksums": ("first_pass", "always", "off"),
     "train.precision": ("auto", "bf16", "fp32"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.engine": ("single", "ddp", "deepspeed", "fsdp2"),
