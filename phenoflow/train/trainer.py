@@ -12,6 +12,7 @@ uninterrupted one does. Models customise training by overriding `Trainer.compute
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 import sys
 import time
@@ -39,6 +40,7 @@ from phenoflow.train.checkpoint import (
 )
 from phenoflow.train.ema import PowerFunctionEMA
 from phenoflow.train.engines import build_engine
+from phenoflow.train.run_folder import RunLock, take_run_folder
 
 
 def step_seed(seed: int, rank: int, samples_seen: int) -> int:
@@ -122,6 +124,10 @@ class Trainer:
                              f" x world size {world}")
         self.accum_steps = t.batch_size // (self.micro_batch * world)
 
+        # One run per folder: rank 0 locks it (every rank fails at once if another run holds it) and removes
+        # the temporaries of killed writes, before anything is written (phenoflow/train/run_folder.py).
+        self.run_lock = RunLock(self.run_dir)
+        self.removed_temporaries = take_run_folder(self.run_lock, self.engine)
         if self.engine.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_yaml(cfg, self.run_dir / "config.yaml")
@@ -144,6 +150,7 @@ class Trainer:
             backend=cfg.data.backend, bad_sample_policy=cfg.data.bad_sample_policy,
             shuffle_buffer=cfg.data.shuffle_buffer, channels_last=cfg.data.channels_last)
         self.samples_seen = 0
+        self.saved_samples = -1  # samples_seen of the last complete checkpoint (native + consolidated) on disk
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
         self.ckpt_path = self.run_dir / "checkpoints" / "latest.pt"
@@ -202,6 +209,8 @@ class Trainer:
         if eng.is_main:
             save_checkpoint(state, path or self.ckpt_path)
         eng.barrier()
+        if path is None:
+            self.saved_samples = self.samples_seen
 
     def try_resume(self) -> bool:
         eng = self.engine
@@ -217,11 +226,27 @@ class Trainer:
                 self.samples_seen = int(st["samples_seen"])
                 self.nonfinite_total = int(st.get("nonfinite_total", 0))
                 self.nonfinite_in_row = int(st.get("nonfinite_in_row", 0))
+                # Complete only if latest.pt was written after this native checkpoint (a kill between the two
+                # leaves it older): then the end of fit() writes both again instead of exporting at once.
+                if self._consolidated_samples() == self.samples_seen:
+                    self.saved_samples = self.samples_seen
                 return True
         if not self.ckpt_path.is_file():
             return False
         self.load_consolidated(self.ckpt_path)
+        self.saved_samples = self.samples_seen
         return True
+
+    def _consolidated_samples(self) -> int:
+        """samples_seen recorded in latest.pt (-1 if absent or unreadable); rank 0 reads it (mmap: the tensors
+        are not read), every rank gets the value."""
+        seen = -1
+        if self.engine.is_main and self.ckpt_path.is_file():
+            try:
+                seen = int(torch.load(self.ckpt_path, map_location="cpu", weights_only=True, mmap=True)["samples_seen"])
+            except (OSError, RuntimeError, ValueError, KeyError, TypeError, EOFError, pickle.UnpicklingError):
+                seen = -1  # unreadable: rewritten by the next save
+        return int(self.engine.broadcast_object(seen))
 
     def load_consolidated(self, path: Path) -> None:
         """Resume from a consolidated checkpoint written by any engine at any world size. Every rank maps the
@@ -299,6 +324,7 @@ class Trainer:
         t0 = time.perf_counter()
         loss_value = eng.all_reduce_mean(total_loss).item()
         grad_norm, stepped = eng.step(t_cfg.grad_clip)
+        rolled_back = bool(getattr(eng, "rolled_back", False))  # the step made weights non-finite: undone
         stepped = stepped and np.isfinite(loss_value)
         self.samples_seen += t_cfg.batch_size
         if stepped:
@@ -308,14 +334,27 @@ class Trainer:
             self.nonfinite_in_row += 1
             self.nonfinite_total += 1
         timings["step"] = time.perf_counter() - t0
-        return {"loss": loss_value, "grad_norm": grad_norm, "stepped": stepped, **timings}
+        return {"loss": loss_value, "grad_norm": grad_norm, "stepped": stepped, "rolled_back": rolled_back, **timings}
 
     # ---- the loop --------------------------------------------------------------------------------------
     def fit(self) -> Path:
+        """Train from wherever the run folder stands to train.total_samples, checkpoint, export; returns the
+        export folder. A finished run only exports again (no step, no checkpoint write). The run folder's lock
+        is released on return or failure."""
+        try:
+            return self._fit()
+        finally:
+            self.run_lock.release()
+
+    def _fit(self) -> Path:
         t_cfg, eng = self.cfg.train, self.engine
         resumed = self.try_resume()
         log = RunLog(self.run_dir, t_cfg.total_samples, self.samples_seen, eng.is_main)
+        if self.removed_temporaries:
+            log.bar.write(f"removed {len(self.removed_temporaries)} temporary file(s) of interrupted writes "
+                          f"from {self.run_dir}")
         log.write({"event": "start", "resumed": resumed, "samples_seen": self.samples_seen,
+                   "removed_temporaries": len(self.removed_temporaries),
                    "device": str(self.device), "engine": eng.name, "world_size": eng.world_size,
                    "params": self.engine.num_params(),
                    "train_flops_per_image": self.flops_per_image})
@@ -330,13 +369,12 @@ class Trainer:
             log.advance(t_cfg.batch_size)
             if not out["stepped"]:
                 log.write({"event": "nonfinite", "samples": self.samples_seen, "loss": out["loss"],
-                           "grad_norm": out["grad_norm"], "in_row": self.nonfinite_in_row})
-                if self.nonfinite_in_row >= t_cfg.max_nonfinite_steps:
-                    self.save(self.run_dir / "checkpoints" / "nonfinite-diagnostic.pt")
-                    raise NonFiniteError(
-                        f"{self.nonfinite_in_row} non-finite steps in a row at {self.samples_seen} samples "
-                        f"(loss {out['loss']}, grad norm {out['grad_norm']}); diagnostic checkpoint in "
-                        f"{self.run_dir / 'checkpoints' / 'nonfinite-diagnostic.pt'}")
+                           "grad_norm": out["grad_norm"], "in_row": self.nonfinite_in_row,
+                           "weights": out["rolled_back"]})
+                if out["rolled_back"] or self.nonfinite_in_row >= t_cfg.max_nonfinite_steps:
+                    diag = self.run_dir / "checkpoints" / "nonfinite-diagnostic.pt"
+                    self.save(diag)
+                    raise NonFiniteError(self._nonfinite_message(out, before, diag))
             else:
                 window["n"] += 1
                 window["loss"] += out["loss"]
@@ -349,12 +387,23 @@ class Trainer:
                 self._log_window(log, window)
             if _crossed(before, self.samples_seen, t_cfg.ckpt_every_samples) and not done:
                 self.save()
-        self.save()
+        if self.saved_samples != self.samples_seen:  # nothing new since the last complete checkpoint: no write
+            self.save()
         out_dir = self.export()
         log.write({"event": "end", "samples_seen": self.samples_seen, "export": str(out_dir),
                    "nonfinite_total": self.nonfinite_total})
         log.close()
         return out_dir
+
+    def _nonfinite_message(self, out: dict, before: int, diag: Path) -> str:
+        if out["rolled_back"]:
+            lr = self.engine.optimizer.param_groups[0].get("lr")
+            return (f"the optimizer step from {before} to {self.samples_seen} samples (step "
+                    f"{self.samples_seen // self.cfg.train.batch_size}) made the weights non-finite with a finite "
+                    f"gradient (loss {out['loss']}, grad norm {out['grad_norm']}, lr {lr}); the weights were "
+                    f"restored to those before it; diagnostic checkpoint (those weights) in {diag}")
+        return (f"{self.nonfinite_in_row} non-finite steps in a row at {self.samples_seen} samples "
+                f"(loss {out['loss']}, grad norm {out['grad_norm']}); diagnostic checkpoint in {diag}")
 
     def _log_window(self, log: RunLog, w: dict) -> None:
         if self.device.type == "cuda":
@@ -381,4 +430,5 @@ def train(cfg: Config) -> Path:
     try:
         return trainer.fit()
     finally:
+        trainer.run_lock.release()
         trainer.engine.close()
