@@ -153,7 +153,8 @@ def _real_batches(cfg: Config, data_dir: Path, rank: int,
 
     loader = ShardLoader(data_dir, cfg.eval.split, cfg.eval.batch_size, rank=rank, world_size=world,
                          num_workers=cfg.data.num_workers, seed=0, shuffle=False, drop_last=False, infinite=False,
-                         backend=cfg.data.backend, bad_sample_policy=cfg.data.bad_sample_policy)
+                         backend=cfg.data.backend, bad_sample_policy=cfg.data.bad_sample_policy,
+                         checksums=cfg.data.checksums)
     cap = cfg.eval.max_images // world if cfg.eval.max_images else 0  # per-rank share of the cap
     batches, read, n = [], [], 0
     for b in loader:
