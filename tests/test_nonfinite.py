@@ -93,3 +93,55 @@ def test_stops_after_k_in_a_row_with_a_diagnostic_checkpoint(tmp_path):
     assert all(torch.isfinite(t).all() for t in state["model"].values())
     ev = [json.loads(line) for line in (tmp_path / "stop" / "log.jsonl").read_text().splitlines()]
     assert [e["in_row"] for e in ev if e["event"] == "nonfinite"] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("lr", [float("inf"), float("nan")])
+def test_a_step_that_makes_weights_nonfinite_is_undone_and_stops_the_run(tmp_path, lr):
+    torch.manual_seed(0)
+    tr = TW.AbsurdLR(cfg(tmp_path, "lr", 16 * 8, 3))
+    tr.bad_at, tr.lr = 48, lr
+    with pytest.raises(NonFiniteError, match=r"step from 48 to 64 samples \(step 4\) made the weights non-finite"):
+        tr.fit()
+    # Stopped at once (not after max_nonfinite_steps), with the weights from before the bad step everywhere:
+    # in the model, and in the diagnostic checkpoint.
+    assert tr.samples_seen == 64
+    assert all(torch.equal(p.detach(), tr.before_bad[n]) for n, p in tr.model.named_parameters())
+    state = torch.load(tmp_path / "lr" / "checkpoints" / "nonfinite-diagnostic.pt", weights_only=True)
+    assert state["samples_seen"] == 64
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+    assert state["model"].keys() == tr.before_bad.keys()
+    assert all(torch.equal(state["model"][n], tr.before_bad[n]) for n in state["model"])
+    assert state["optimizer"]["step"] == 3  # the undone step is not counted
+    ev = [json.loads(line) for line in (tmp_path / "lr" / "log.jsonl").read_text().splitlines()]
+    bad = [e for e in ev if e["event"] == "nonfinite"]
+    assert len(bad) == 1 and bad[0]["weights"] and bad[0]["samples"] == 64
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tag", TW.NONFINITE_ENGINES)
+def test_sharded_engines_undo_a_step_that_makes_weights_nonfinite(tmp_path_factory, tag):
+    """The same under torchrun (2 CPU processes; tests/trainer_worker.py --nonfinite): fsdp2 and ZeRO-2."""
+    out = sharded_nonfinite_runs(tmp_path_factory)
+    res = json.loads((out / f"{tag}-lr.json").read_text())
+    assert res["raised"] == [True, True], "every rank stops with NonFiniteError"
+    assert "step from 48 to 64 samples (step 4) made the weights non-finite" in res["message"]
+    before = torch.load(out / f"{tag}-lr-before.pt", weights_only=True)
+    state = torch.load(out / f"{tag}-lr" / "checkpoints" / "nonfinite-diagnostic.pt", weights_only=True)
+    assert state["samples_seen"] == 64 and state["model"].keys() == before.keys()
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+    assert all(torch.equal(state["model"][n], before[n]) for n in before)
+    assert res["rank_weights_equal"] == [True, True]  # the compute weights on each rank are restored too
+
+
+_SHARDED: dict = {}
+
+
+def sharded_nonfinite_runs(tmp_path_factory) -> Path:
+    pytest.importorskip("deepspeed")
+    if "out" not in _SHARDED:
+        from test_engine_equivalence import torchrun
+
+        out = tmp_path_factory.mktemp("nonfinite")
+        torchrun("trainer_worker.py", str(out), "--nonfinite")
+        _SHARDED["out"] = out
+    return _SHARDED["out"]

@@ -68,6 +68,11 @@ class SingleEngine:
     name = "single"
     rank, world_size, local_rank = 0, 1, 0
     replicated = True  # every rank holds whole parameters and optimizer states
+    # After each optimizer step, check that the weights are finite; a step that made them non-finite (a finite
+    # gradient times an absurd learning rate) is undone from a copy of the weights taken before it, and
+    # `rolled_back` says so. Cost: one copy and one fused norm of this rank's fp32 masters per step.
+    guard_weights = True
+    rolled_back = False
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -121,14 +126,68 @@ class SingleEngine:
         return float(norm)
 
     def step(self, max_norm: float) -> tuple[float, bool]:
-        """Clip, check finiteness, step. Returns (grad norm, stepped). A non-finite norm skips the step."""
+        """Clip, check finiteness, step. Returns (grad norm, stepped). A non-finite norm skips the step; a step
+        that leaves non-finite weights is undone (see guard_weights) and counts as not stepped."""
         self._micro = 0
+        self.rolled_back = False
         norm = self._clip(max_norm)
         ok = math.isfinite(norm)
         if ok:
+            guard = self.guard_weights and self._guard_before()
             self.optimizer.step()
+            if guard and not self._guard_after():
+                self.rolled_back, ok = True, False
         self.optimizer.zero_grad(set_to_none=True)
         return norm, ok
+
+    # ---- the weight guard: snapshot before a step, check after, restore if non-finite ------------------
+    def _master_tensors(self) -> list[torch.Tensor]:
+        """This rank's fp32 master tensors, in place (local shards of DTensors under fsdp2)."""
+        out = []
+        for _, p in self._param_list():
+            t = p.detach()
+            out.append(t.to_local() if hasattr(t, "to_local") else t)
+        return out
+
+    def _guard_before(self) -> bool:
+        """Copy the masters into a buffer kept across steps (allocated once); the optimizer's step count too."""
+        masters = self._master_tensors()
+        if getattr(self, "_guard_copy", None) is None or len(self._guard_copy) != len(masters):
+            self._guard_copy = [torch.empty_like(t) for t in masters]
+        with torch.no_grad():
+            torch._foreach_copy_(self._guard_copy, masters)
+        self._guard_step = self.optimizer_step_count()
+        return True
+
+    def _all_finite(self, tensors: list[torch.Tensor]) -> bool:
+        """Whether every element is finite, on every rank: one fused L2 norm per tensor (NaN and inf propagate),
+        one host sync, for sharded engines one all-reduce of a flag. A norm can also overflow for finite
+        elements of 1e19 and more, so a non-finite norm is confirmed element-wise (only then)."""
+        tensors = [t for t in tensors if t.numel()]
+        bad = False
+        if tensors:
+            norms = torch._foreach_norm(tensors, 2.0)
+            if not bool(torch.isfinite(torch.stack(norms).sum())):
+                bad = any(not bool(torch.isfinite(t).all()) for t in tensors)
+        if not self.replicated and self.world_size > 1:
+            flag = torch.tensor(float(bad), device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            bad = bool(flag.item())
+        return not bad
+
+    def _guard_after(self) -> bool:
+        """True if the weights are finite; otherwise restore the copy and the step count and return False."""
+        masters = self._master_tensors()
+        if self._all_finite(masters):
+            return True
+        with torch.no_grad():
+            torch._foreach_copy_(masters, self._guard_copy)
+        self._set_optimizer_step(self._guard_step)
+        self._restore_compute_weights()
+        return False
+
+    def _restore_compute_weights(self) -> None:
+        """Engines whose compute weights are a copy of the masters refresh it after a rollback."""
 
     # ---- collectives ----------------------------------------------------------------------------------
     def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
