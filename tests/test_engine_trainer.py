@@ -1,7 +1,9 @@
 """The Trainer under torchrun (2 CPU processes, gloo) with ddp, DeepSpeed ZeRO-3 and fsdp2, end to end through
 the shard loader: a run stopped at half way and rerun resumes from its engine-native checkpoint and exports
 the same weights as an uninterrupted run; the stopped run also resumes in a single process (world size
-2 -> 1) from the consolidated checkpoint, with the loader position carried over, and finishes.
+2 -> 1) from the consolidated checkpoint, with the loader position carried over, and finishes. On every
+engine (ZeRO-1 and -2 too) a run killed after its last checkpoint finishes by rerunning, and rerunning a
+finished run only exports: no step, no checkpoint write.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from phenoflow.train.checkpoint import ema_filename, load_safetensors
 from phenoflow.train.trainer import Trainer
 
 ENGINES = ["ddp:0", "deepspeed:3", "fsdp2:0"]
+RERUN_ONLY = ["deepspeed:1", "deepspeed:2"]  # only the rerun scenario (at HALF samples)
 
 
 def tag_of(spec: str) -> str:
@@ -31,7 +34,7 @@ def tag_of(spec: str) -> str:
 def runs(tmp_path_factory):
     pytest.importorskip("deepspeed")
     out = tmp_path_factory.mktemp("trainer")
-    torchrun("trainer_worker.py", str(out), ",".join(ENGINES))
+    torchrun("trainer_worker.py", str(out), ",".join(ENGINES), ",".join(RERUN_ONLY))
     return out
 
 
@@ -84,3 +87,24 @@ def test_world_size_change_resumes_in_one_process(runs, spec):
     losses = [e["loss"] for e in ev if e["event"] == "train" and e["samples"] > TW.HALF]
     assert losses and all(0 < v < 5 for v in losses)
     assert (out / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", ENGINES + RERUN_ONLY)
+def test_rerun_finished_is_a_noop(runs, spec):
+    """Killed after the last checkpoint (before the export), rerun: it exports; rerun again: it exports again.
+    Neither rerun takes a step or writes a checkpoint (DeepSpeed used to crash here in local_pieces)."""
+    tag = tag_of(spec)
+    total = TW.TOTAL if spec in ENGINES else TW.HALF
+    rec = json.loads((runs / f"{tag}-rerun.json").read_text())
+    assert rec["killed"] and "latest.pt" in rec["killed"]
+    assert rec["finished"] == rec["killed"], "the rerun after a kill before the export rewrote checkpoints"
+    assert rec["rerun"] == rec["killed"], "the rerun of a finished run rewrote checkpoints"
+    assert rec["state_after_resume"] == {"model": True, "optimizer": True, "ema": True, "step": True}
+    ev = events(runs / f"{tag}-ref")
+    marks = [(i, e) for i, e in enumerate(ev) if e["event"] in ("start", "end")]
+    assert [e["event"] for _, e in marks] == ["start", "start", "end", "start", "end"]
+    assert all(e["samples_seen"] == total for _, e in marks[1:])
+    assert [e["resumed"] for _, e in marks if e["event"] == "start"] == [False, True, True]
+    assert not [e for e in ev[marks[1][0]:] if e["event"] == "train"], "a rerun took a training step"
+    assert (runs / f"{tag}-ref" / "export" / "model.safetensors").is_file()
