@@ -118,11 +118,26 @@ class DeepSpeedEngine(_DistributedMixin, SingleEngine):
 
     def step(self, max_norm):
         self._micro = 0
+        self.rolled_back = False
+        guard = self.guard_weights and self._guard_before()
         self.ds.step()  # clips to gradient_clipping, skips on a non-finite norm
         norm = self.ds.get_global_grad_norm()
         norm = float("nan") if norm is None else float(norm)
-        ok = bool(self.ds.was_step_applied()) and math.isfinite(norm)
+        ok = bool(self.ds.was_step_applied()) and math.isfinite(norm)  # the same on every rank
+        if guard and ok and not self._guard_after():
+            self.rolled_back, ok = True, False
         return norm, ok
+
+    def _master_tensors(self):
+        """This rank's fp32 master pieces (views into DeepSpeed's flat fp32 partitions)."""
+        return list(self.local_pieces("param").values())
+
+    def _restore_compute_weights(self):
+        """After a rollback of the fp32 masters: the module's compute weights (bf16, or DeepSpeed's own fp32
+        copy) from the full restored weights. Only on that failure path: a gather and a broadcast."""
+        names = [n for n, _ in self._param_list()]
+        self.write_pieces("param", dict(zip(names, self._guard_copy)))  # ZeRO-3: through set_local_hp_param
+        self._sync_compute_weights(self.broadcast_object(self.gather(dict(zip(names, self._guard_copy)))))
 
     def native_signature(self):
         return {"engine": self.name, "world_size": self.world_size, "zero_stage": self.stage}
@@ -130,11 +145,26 @@ class DeepSpeedEngine(_DistributedMixin, SingleEngine):
     def _base_opt(self):
         return self.optimizer.optimizer  # the client Adam over the flat fp32 partitions
 
+    def _link_optimizer_fragments(self):
+        """ZeRO-1/2: each parameter's `_hp_mapping` finds its optimizer-state fragments only once DeepSpeed has
+        linked them, which it does lazily at the end of its first optimizer step. load_checkpoint rebuilds the
+        mappings without those links (and leaves the "linked" flag as it was), so between a native resume and
+        the next step `get_hp_fragment("exp_avg")` fails (`'NoneType' is not iterable`: a finished run rerun
+        saved before any step). Link them now when the optimizer state exists and a mapping lacks them."""
+        if self.stage == 3 or not self._base_opt().state:
+            return
+        maps = [getattr(p, "_hp_mapping", None) for _, p in self._param_list()]
+        if any(m is not None and m.optim_fragment is None for m in maps):
+            self.optimizer._hp_optimizer_states_linked = False
+            self.optimizer._lazy_init_hp_params_optimizer_state()
+
     # pieces: ZeRO-1/2 hold fragments of the flat fp32 partition, ZeRO-3 a padded partition per parameter
     def local_pieces(self, kind="param"):
         key = None if kind == "param" else kind
         if key is not None and not self._base_opt().state:
             return {}
+        if key is not None:
+            self._link_optimizer_fragments()
         out = {}
         for n, p in self._param_list():
             if self.stage == 3:
@@ -156,6 +186,8 @@ class DeepSpeedEngine(_DistributedMixin, SingleEngine):
 
     def write_pieces(self, kind, local):
         key = None if kind == "param" else kind
+        if key is not None:
+            self._link_optimizer_fragments()
         params = dict(self._param_list())
         with torch.no_grad():
             for n, t in local.items():
