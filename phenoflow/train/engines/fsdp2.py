@@ -81,13 +81,30 @@ class FSDP2Engine(_DistributedMixin, SingleEngine):
 
     def load_native(self, ckpt_dir):
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
         from torch.distributed.checkpoint.state_dict import (
             get_state_dict,
             set_state_dict,
         )
 
+        from phenoflow.errors import CheckpointError
+        from phenoflow.train.safe_load import dcp_safe_planner, dcp_safe_reader, load_dcp_metadata
+
+        # DCP pickles .metadata by design and reads it (and the optimizer's non-tensor entries) with full
+        # pickle: every rank first reads it with the restricted unpickler (a planted global is refused on every
+        # rank before any collective), then DCP loads through a reader and planner that do the same.
+        path = Path(ckpt_dir) / "dcp"
+        load_dcp_metadata(path / ".metadata")
         msd, osd = get_state_dict(self.model, self.optimizer)
         state = {"model": msd, "optimizer": osd}
-        dcp.load(state, checkpoint_id=str(Path(ckpt_dir) / "dcp"))
+        try:
+            dcp.load(state, checkpoint_id=str(path), storage_reader=dcp_safe_reader(path),
+                     planner=dcp_safe_planner(path))
+        except CheckpointException as e:  # DCP gathers every rank's failure: re-raise ours as it was
+            for failure in e.failures.values():
+                inner = failure[0] if isinstance(failure, tuple) else failure
+                if isinstance(inner, CheckpointError):
+                    raise inner from e
+            raise
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
