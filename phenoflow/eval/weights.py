@@ -1,17 +1,27 @@
 """Loading feature-network weights from local files: safetensors or torch files read with weights_only=True.
 
-Nothing is downloaded. Key or shape mismatches raise `WeightsError` naming the file and the first offending keys.
+Feature-network weights come from outside the run (a download, another tool's conversion), so they are
+untrusted input (docs/distributed.md, "Trust boundary"): a `.safetensors` file is parsed by safetensors
+(no code in the format), any other file by `torch.load(weights_only=True)`, which refuses every pickled
+global outside torch's tensor allow-list before it can run. Nothing is downloaded. A refused or unreadable
+file, and key or shape mismatches, raise `WeightsError` naming the file (and the refused global, or the
+first offending keys).
 """
 from __future__ import annotations
 
+import pickle
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
+from phenoflow.errors import CheckpointError
+from phenoflow.train.safe_load import refused_global
 
-class WeightsError(ValueError):
-    """A weights file that is missing, unreadable, or does not match the network; the message says which keys."""
+
+class WeightsError(CheckpointError, ValueError):
+    """A weights file that is missing, unreadable, refused, or does not match the network; the message says which
+    file and keys (a CheckpointError: the CLI prints it without a traceback, exit code 2)."""
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -25,8 +35,15 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt file, pickled code, wrong format
-        raise WeightsError(f"cannot read weights file {path}: {e}") from e
+    except pickle.UnpicklingError as e:  # pickled code or objects other than tensors: refused before running
+        if refused_global(e) is None:  # not a global: a corrupt or foreign file
+            raise WeightsError(f"cannot read weights file {path}: not a torch file, or corrupt") from e
+        raise WeightsError(f"weights file {path} refused: it pickles more than tensors and plain containers "
+                           f"({refused_global(e)}); nothing from it was executed. Use a .safetensors file or a "
+                           f"plain state dict saved with torch.save") from e
+    except Exception as e:  # corrupt file, wrong format
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise WeightsError(f"cannot read weights file {path}: {type(e).__name__}: {first}") from e
     for wrapper in ("state_dict", "model", "teacher"):
         if isinstance(state, dict) and wrapper in state and isinstance(state[wrapper], dict):
             state = state[wrapper]
