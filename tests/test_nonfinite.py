@@ -120,7 +120,7 @@ def test_a_step_that_makes_weights_nonfinite_is_undone_and_stops_the_run(tmp_pat
 @pytest.mark.slow
 @pytest.mark.parametrize("tag", TW.NONFINITE_ENGINES)
 def test_sharded_engines_undo_a_step_that_makes_weights_nonfinite(tmp_path_factory, tag):
-    """The same under torchrun (2 CPU processes; tests/trainer_worker.py --nonfinite): fsdp2 and ZeRO-2."""
+    """The same under torchrun (2 CPU processes; tests/trainer_worker.py --nonfinite): fsdp2, ZeRO-2 and ZeRO-3."""
     out = sharded_nonfinite_runs(tmp_path_factory)
     res = json.loads((out / f"{tag}-lr.json").read_text())
     assert res["raised"] == [True, True], "every rank stops with NonFiniteError"

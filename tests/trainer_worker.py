@@ -11,6 +11,7 @@ to keep start-up cost (imports, DeepSpeed) once.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
@@ -28,7 +29,7 @@ TINY = ["data.image_size=16", "data.channels=3", "data.train_images=256", "data.
         "train.batch_size=16", "train.micro_batch_size=4", "train.lr=1e-3", "train.precision=fp32",
         "train.device=cpu", "train.log_every_samples=16", "train.ckpt_every_samples=64"]
 HALF, TOTAL = 64, 128
-NONFINITE_ENGINES = ["fsdp2", "zero2"]  # `--nonfinite`: a step with lr = inf on these (tests/test_nonfinite.py)
+NONFINITE_ENGINES = ["fsdp2", "zero2", "zero3"]  # `--nonfinite`: a step at lr = inf (tests/test_nonfinite.py)
 
 
 def config(out: Path, name: str, engine: str, stage: int, total: int):
@@ -79,7 +80,12 @@ def nonfinite_scenario(out: Path, tag: str, engine: str, stage: int) -> None:
     # The module's compute weights equal the restored masters on every rank (ZeRO-2: each rank's full copy).
     full = tr.engine.broadcast_object(tr.engine.full_model_state())
     if engine == "deepspeed":
-        same = all(torch.equal(p.detach().float().cpu(), full[n]) for n, p in tr.model.named_parameters())
+        import deepspeed
+
+        params = list(tr.model.named_parameters())
+        gathered = deepspeed.zero.GatheredParameters([p for _, p in params]) if stage == 3 else contextlib.nullcontext()
+        with gathered:
+            same = all(torch.equal(p.detach().float().cpu(), full[n]) for n, p in params)
     else:
         same = all(torch.isfinite(p.detach().to_local()).all() for p in tr.model.parameters())
     flags = tr.engine.gather_objects((raised, same))
@@ -133,8 +139,8 @@ def rerun_scenario(out: Path, tag: str, engine: str, stage: int, total: int) -> 
 def main() -> None:
     out = Path(sys.argv[1])
     if sys.argv[2] == "--nonfinite":
-        nonfinite_scenario(out, "fsdp2", "fsdp2", 0)
-        nonfinite_scenario(out, "zero2", "deepspeed", 2)
+        for tag in NONFINITE_ENGINES:
+            nonfinite_scenario(out, tag, "fsdp2" if tag == "fsdp2" else "deepspeed", int(tag[-1]) if tag != "fsdp2" else 0)
         dist.barrier()
         dist.destroy_process_group()
         return
