@@ -170,9 +170,110 @@ def reference(precision: str) -> tuple[list[dict], dict]:
     return records, ref
 
 
+class Planted:
+    """A __reduce__ payload (tests/test_security.py): unpickling it with full pickle runs exec, which creates
+    `marker`; a safe reader refuses the global `exec` before anything runs."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').close()",))
+
+
+def plant(native: Path, target: str, marker: Path) -> dict[Path, bytes]:
+    """Plant a Planted payload in a native checkpoint (rank 0); returns the original bytes of the changed files.
+    Targets: model (DeepSpeed model states), optim1 (rank 1's optimizer states), metadata (DCP .metadata),
+    bytes (a DCP non-tensor entry, optimizer.param_groups.0.lr, appended to a .distcp file)."""
+    import dataclasses
+    import io
+    import pickle
+
+    if target in ("metadata", "bytes"):
+        mdf = native / "dcp" / ".metadata"
+        md = pickle.loads(mdf.read_bytes())  # our own file, written just before
+        if target == "metadata":
+            originals = {mdf: mdf.read_bytes()}
+            md.planted = Planted(marker)
+        else:
+            idx = next(i for i in md.storage_data if i.fqn == "optimizer.param_groups.0.lr")
+            info = md.storage_data[idx]
+            data = native / "dcp" / info.relative_path
+            originals = {mdf: mdf.read_bytes(), data: data.read_bytes()}
+            buf = io.BytesIO()
+            torch.save(Planted(marker), buf)
+            md.storage_data[idx] = dataclasses.replace(info, offset=len(originals[data]), length=len(buf.getvalue()))
+            data.write_bytes(originals[data] + buf.getvalue())
+        mdf.write_bytes(pickle.dumps(md))
+        return originals
+    pattern = "*zero_pp_rank_1_*optim_states.pt" if target == "optim1" else "*mp_rank_00_model_states.pt"
+    f = sorted(native.glob(pattern))[0]
+    originals = {f: f.read_bytes()}
+    sd = torch.load(f, map_location="cpu", weights_only=False)  # our own file, written just before
+    sd["planted"] = Planted(marker)
+    torch.save(sd, f)
+    return originals
+
+
+def plant_checks(out: Path, specs: str) -> None:
+    """Security checks (tests/test_security.py). Per "engine:stage:target+target...": one step, a native
+    checkpoint, then per target: plant a payload, try load_native (target "direct": DeepSpeed's own
+    load_checkpoint inside deepspeed_safe_load, without the screening), restore the files. Last, the clean
+    checkpoint loads and step 2 repeats. Each rank writes plant-rank<r>.json: per target the error raised and
+    whether the payload ran."""
+    import os
+
+    res: dict = {}
+    for spec in specs.split(","):
+        name, stage, targets = spec.split(":")
+        edir = out / f"{name}{stage}"
+        cfg = tiny_cfg(name, int(stage), str(edir / "run"))
+        eng = build_engine(cfg)
+        eng.setup(make_model(cfg))
+        train_step(eng, 0)
+        native = edir / "native" / "s1"
+        native.mkdir(parents=True, exist_ok=True)
+        eng.barrier()
+        eng.save_native(native)
+        eng.barrier()
+        expect = train_step(eng, 1)["loss"]
+        for target in targets.split("+"):
+            marker = edir / f"ran-{target}"
+            originals = plant(native, "model" if target == "direct" else target, marker) if eng.is_main else {}
+            eng.barrier()
+            err = None
+            try:
+                if target == "direct":
+                    from phenoflow.train.safe_load import deepspeed_safe_load
+
+                    with deepspeed_safe_load(eng.ds):
+                        eng.ds.load_checkpoint(str(native.parent), tag=native.name)
+                else:
+                    eng.load_native(native)
+            except Exception as e:  # recorded for the test
+                err = f"{type(e).__name__}: {e}"
+            eng.barrier()
+            rec = {"error": err, "ran": marker.exists()}
+            if name == "deepspeed":  # the scoped guard is undone
+                rec["after"] = [type(eng.ds.checkpoint_engine).__name__, os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")]
+            res[f"{name}:{stage}:{target}"] = rec
+            if eng.is_main:
+                for f, b in originals.items():
+                    f.write_bytes(b)
+            eng.barrier()
+        eng.load_native(native)
+        res[f"{name}:{stage}:clean"] = {"expect": expect, "again": train_step(eng, 1)["loss"]}
+    (out / f"plant-rank{dist.get_rank()}.json").write_text(json.dumps(res, indent=1))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def main() -> None:
-    """argv: out folder, engine specs "name:stage[:precision]" separated by commas."""
+    """argv: out folder, engine specs "name:stage[:precision]" separated by commas (or "plant=SPECS":
+    plant_checks)."""
     out = Path(sys.argv[1])
+    if sys.argv[2].startswith("plant="):
+        return plant_checks(out, sys.argv[2][len("plant="):])
     results, refs = {}, {}
     for spec in sys.argv[2].split(","):
         name, stage, *prec = spec.split(":")
