@@ -207,7 +207,7 @@ def plant(native: Path, target: str, marker: Path) -> dict[Path, bytes]:
         mdf.write_bytes(pickle.dumps(md))
         return originals
     pattern = "*zero_pp_rank_1_*optim_states.pt" if target == "optim1" else "*mp_rank_00_model_states.pt"
-    f = sorted(native.glob(pattern))[0]
+    f = min(native.glob(pattern))
     originals = {f: f.read_bytes()}
     sd = torch.load(f, map_location="cpu", weights_only=False)  # our own file, written just before
     sd["planted"] = Planted(marker)
@@ -250,12 +250,13 @@ def plant_checks(out: Path, specs: str) -> None:
                         eng.ds.load_checkpoint(str(native.parent), tag=native.name)
                 else:
                     eng.load_native(native)
-            except Exception as e:  # recorded for the test
+            except Exception as e:  # noqa: BLE001 - recorded for the test
                 err = f"{type(e).__name__}: {e}"
             eng.barrier()
             rec = {"error": err, "ran": marker.exists()}
             if name == "deepspeed":  # the scoped guard is undone
-                rec["after"] = [type(eng.ds.checkpoint_engine).__name__, os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")]
+                rec["after"] = [type(eng.ds.checkpoint_engine).__name__,
+                                os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")]
             res[f"{name}:{stage}:{target}"] = rec
             if eng.is_main:
                 for f, b in originals.items():

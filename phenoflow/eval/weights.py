@@ -25,7 +25,8 @@ class WeightsError(CheckpointError, ValueError):
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A flat state dict from a .safetensors file or a torch file (weights_only=True; {"state_dict"/"model": ...} unwrapped)."""
+    """A flat state dict from a .safetensors file or a torch file (weights_only=True; {"state_dict"/"model": ...}
+    unwrapped)."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist (weights are never downloaded; give a local path)")

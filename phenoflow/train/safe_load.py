@@ -236,7 +236,7 @@ def screen_torch_files(files: Iterable[str | Path], allowed: list) -> None:
         f = Path(f)
         try:
             found = torch.serialization.get_unsafe_globals_in_checkpoint(str(f))
-        except Exception:  # not torch's zip format (legacy or foreign): a full weights_only load decides
+        except (ValueError, RuntimeError, OSError):  # not torch's zip format (legacy, foreign): a full load decides
             try:
                 with torch.serialization.safe_globals(allowed):
                     torch.load(f, map_location="cpu", weights_only=True)
@@ -293,5 +293,14 @@ def deepspeed_safe_load(ds_engine, allowed: list | None = None) -> Iterator[None
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = old_env
 
 
-__all__ = ["UnsafeCheckpointError", "RestrictedUnpickler", "load_dcp_metadata", "dcp_safe_reader",
-           "dcp_safe_planner", "deepspeed_safe_globals", "refused_global", "screen_torch_files", "deepspeed_safe_load"]
+__all__ = [
+    "RestrictedUnpickler",
+    "UnsafeCheckpointError",
+    "dcp_safe_planner",
+    "dcp_safe_reader",
+    "deepspeed_safe_globals",
+    "deepspeed_safe_load",
+    "load_dcp_metadata",
+    "refused_global",
+    "screen_torch_files",
+]

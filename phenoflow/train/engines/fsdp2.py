@@ -88,7 +88,11 @@ class FSDP2Engine(_DistributedMixin, SingleEngine):
         )
 
         from phenoflow.errors import CheckpointError
-        from phenoflow.train.safe_load import dcp_safe_planner, dcp_safe_reader, load_dcp_metadata
+        from phenoflow.train.safe_load import (
+            dcp_safe_planner,
+            dcp_safe_reader,
+            load_dcp_metadata,
+        )
 
         # DCP pickles .metadata by design and reads it (and the optimizer's non-tensor entries) with full
         # pickle: every rank first reads it with the restricted unpickler (a planted global is refused on every
