@@ -27,6 +27,7 @@ from phenoflow.data.loader import ShardLoader
 from phenoflow.data.prepare import prepare_data
 from phenoflow.data.shards import load_manifest
 from phenoflow.data.transforms import augment, encode
+from phenoflow.errors import NonFiniteError  # exit code 3; re-exported
 from phenoflow.flow.couplings import minibatch_ot
 from phenoflow.flow.paths import build_path, sample_time
 from phenoflow.model.flops import mfu, train_flops_per_image
@@ -72,10 +73,6 @@ def carry_loader_state(states: list[dict], loader: ShardLoader, rank: int) -> di
 def _crossed(before: int, after: int, every: int) -> bool:
     """Whether a step from `before` to `after` samples crossed a multiple of `every`."""
     return before // every != after // every
-
-
-class NonFiniteError(RuntimeError):
-    pass
 
 
 class RunLog:
