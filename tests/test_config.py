@@ -204,3 +204,15 @@ def test_config_path_missing_directory_or_binary(tmp_path):
         with pytest.raises(ConfigError, match=f"config file {path}: {needle}"):
             load_yaml(path)
     assert load_yaml(tmp_path / "bom.yaml").train.seed == 5
+
+
+def test_yaml_booleans_are_only_true_and_false():
+    """YAML 1.1 reads off/no/yes/on as booleans; a string field given `off` must stay the string."""
+    from phenoflow.config import resolve, yaml_load
+
+    assert resolve("demo", ["data.checksums=off"]).data.checksums == "off"
+    assert resolve("demo", ["run.name=no"]).run.name == "no"
+    assert resolve("demo", ["data.hflip=false"]).data.hflip is False
+    assert yaml_load("a: off\nb: True\nc: FALSE\nd: yes") == {"a": "off", "b": True, "c": False, "d": "yes"}
+    with pytest.raises(ConfigError, match="data.hflip='no' must be true or false"):
+        resolve("demo", ["data.hflip=no"])

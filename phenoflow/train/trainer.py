@@ -33,6 +33,7 @@ from phenoflow.flow.paths import build_path, sample_time
 from phenoflow.model.flops import mfu, train_flops_per_image
 from phenoflow.model.mit import LABEL_GROUPS, build_model
 from phenoflow.train.checkpoint import (
+    CheckpointError,
     ema_filename,
     load_checkpoint,
     save_checkpoint,
@@ -41,6 +42,7 @@ from phenoflow.train.checkpoint import (
 )
 from phenoflow.train.ema import PowerFunctionEMA
 from phenoflow.train.engines import build_engine
+from phenoflow.train.preflight import preflight
 from phenoflow.train.run_folder import RunLock, take_run_folder
 
 
@@ -110,6 +112,8 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = cfg.run_dir
         self.engine = build_engine(cfg)
+        preflight(cfg, world_size=self.engine.world_size)  # config vs data and run folder, before any write
+        self.engine.guard_weights = cfg.train.weight_guard
         self.device = self.engine.device
         t = cfg.train
         world = self.engine.world_size
@@ -145,7 +149,8 @@ class Trainer:
             self.data_dir, "train", self.micro_batch, rank=self.engine.rank, world_size=world,
             num_workers=cfg.data.num_workers, seed=t.seed, shuffle=True, drop_last=True, infinite=True,
             backend=cfg.data.backend, bad_sample_policy=cfg.data.bad_sample_policy,
-            shuffle_buffer=cfg.data.shuffle_buffer, channels_last=cfg.data.channels_last)
+            shuffle_buffer=cfg.data.shuffle_buffer, channels_last=cfg.data.channels_last,
+            checksums=cfg.data.checksums)
         self.samples_seen = 0
         self.saved_samples = -1  # samples_seen of the last complete checkpoint (native + consolidated) on disk
         self.nonfinite_in_row = 0
@@ -251,9 +256,11 @@ class Trainer:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:
-            raise RuntimeError(f"cannot load checkpoint {path}: {e}") from e
-        if state.get("format") != self.CONSOLIDATED_FORMAT:
-            raise RuntimeError(f"{path}: not a consolidated phenoflow checkpoint (format {state.get('format')!r})")
+            raise CheckpointError(f"cannot load checkpoint {path}: {e}") from e
+        if not isinstance(state, dict) or state.get("format") != self.CONSOLIDATED_FORMAT:
+            fmt = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise CheckpointError(f"{path}: not a consolidated phenoflow checkpoint (format {fmt!r}); move it "
+                                  f"away to start the run afresh")
         eng = self.engine
         eng.load_full_state(state)
         like = self.ema.state_dict()
