@@ -15,8 +15,8 @@ from typing import Any
 
 from phenoflow.errors import ConfigError
 
-# depth, hidden width, heads of each model.size: the table of phenoflow.model.mit.MIT_SIZES, repeated here so
-# that validation does not import torch (tests/test_config.py checks that the two tables agree).
+# depth, hidden width, heads of each model.size (DiT shapes; "tiny" is for CPU work, "XL-h64" is XL with 18
+# heads of 64). Kept here so that validation does not import torch; phenoflow.model.mit.MIT_SIZES is this table.
 MODEL_SIZES: dict[str, tuple[int, int, int]] = {
     "tiny": (4, 128, 4),
     "S": (12, 384, 6),

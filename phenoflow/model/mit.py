@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from phenoflow.config_validate import MODEL_SIZES
 from phenoflow.model.layers import (
     attention,
     gated_residual,
@@ -30,15 +31,9 @@ from phenoflow.model.layers import (
 
 LABEL_GROUPS = ("perturbation", "experiment", "cell_type")
 
-# depth, hidden width, heads (DiT shapes; "tiny" is for CPU work, "XL-h64" is XL with 18 heads of 64).
-MIT_SIZES: dict[str, tuple[int, int, int]] = {
-    "tiny": (4, 128, 4),
-    "S": (12, 384, 6),
-    "B": (12, 768, 12),
-    "L": (24, 1024, 16),
-    "XL": (28, 1152, 16),
-    "XL-h64": (28, 1152, 18),
-}
+# depth, hidden width, heads (DiT shapes; "tiny" is for CPU work, "XL-h64" is XL with 18 heads of 64). The table
+# lives with the config's validation (which must not import torch); the model reads it from there.
+MIT_SIZES: dict[str, tuple[int, int, int]] = MODEL_SIZES
 
 
 @dataclass
