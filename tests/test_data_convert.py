@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 from phenoflow.data.convert import ConvertError, cellflux_candidates, convert
+from phenoflow.data.integrity import verify_shards
 from phenoflow.data.loader import ShardLoader
-from phenoflow.data.shards import iter_shard, load_manifest, verify_shards
+from phenoflow.data.shards import iter_shard, load_manifest
 from phenoflow.data.synthetic import SyntheticSpec, generate_synthetic
 
 

@@ -15,7 +15,8 @@ import pytest
 from phenoflow.data import commands
 from phenoflow.data.convert import convert
 from phenoflow.data.errors import ConvertError, DataError
-from phenoflow.data.shards import load_manifest, verify_shards
+from phenoflow.data.integrity import verify_shards
+from phenoflow.data.shards import load_manifest
 from phenoflow.data.synthetic import SyntheticSpec, generate_synthetic
 from phenoflow.errors import PhenoflowError
 

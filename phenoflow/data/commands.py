@@ -67,7 +67,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
 
 
 def _cmd_labels(args: argparse.Namespace) -> int:
-    from .shards import rebuild_label_tables
+    from .integrity import rebuild_label_tables
 
     n = rebuild_label_tables(args.folder)
     print(f"{args.folder}: wrote {n} label tables")
@@ -75,7 +75,7 @@ def _cmd_labels(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from .shards import verify_shards
+    from .integrity import verify_shards
 
     counts = verify_shards(args.folder, checksums=not args.no_checksums)
     print(f"{args.folder}: OK " + ", ".join(f"{s}: {n} samples" for s, n in counts.items()))

@@ -60,16 +60,6 @@ VERSION = 1
 ENCODINGS = {"raw": "img", "npy": "npy", "png": "png"}  # encoding -> member extension
 EXT_TO_ENCODING = {v: k for k, v in ENCODINGS.items()}
 INDEX_VERSION = "v1.2"  # DALI's wds2idx format
-_MOVED = ("label_table_from_tar", "rebuild_label_tables", "verify_shards", "check_index")  # now in integrity.py
-
-
-def __getattr__(name: str) -> Any:
-    """Names that moved to integrity.py stay importable from here (integrity.py imports this module)."""
-    if name in _MOVED:
-        from . import integrity
-
-        return getattr(integrity, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------
