@@ -8,17 +8,16 @@ import numpy as np
 import pytest
 import torch
 
+from phenoflow.data.integrity import label_table_from_tar, verify_shards
 from phenoflow.data.loader import ShardLoader
 from phenoflow.data.prepare import write_synthetic
 from phenoflow.data.shards import (
     LABEL_COLUMNS,
     ShardError,
     index_array,
-    label_table_from_tar,
     load_manifest,
     read_index,
     read_label_table,
-    verify_shards,
     write_manifest,
 )
 from phenoflow.data.synthetic import SyntheticSpec

@@ -5,6 +5,7 @@ import tarfile
 import numpy as np
 import pytest
 
+from phenoflow.data.integrity import verify_shards
 from phenoflow.data.shards import (
     ShardWriter,
     decode_image,
@@ -13,7 +14,6 @@ from phenoflow.data.shards import (
     load_manifest,
     manifest_vocabs,
     read_index,
-    verify_shards,
     write_shards,
 )
 from phenoflow.data.synthetic import SyntheticSpec, generate_synthetic

@@ -45,6 +45,7 @@ from .errors import (  # noqa: F401  re-exported: the shard errors were defined 
     MissingShardError,
     ShardError,
 )
+from .npy import read_uint8_npy
 from .tables import (  # noqa: F401  re-exported for callers of the earlier single-module layout
     CHECKSUM,
     LABEL_COLUMNS,
@@ -101,7 +102,7 @@ def decode_image(data: bytes, ext: str, shape: Sequence[int]) -> np.ndarray:
         raise ValueError(f"unknown image member extension {ext!r} (known: {sorted(EXT_TO_ENCODING)})")
     try:
         if ext == "npy":
-            arr = np.load(io.BytesIO(data), allow_pickle=False)
+            arr = read_uint8_npy(data)  # not np.load: see phenoflow/data/npy.py
         else:
             from PIL import Image
 
@@ -109,7 +110,7 @@ def decode_image(data: bytes, ext: str, shape: Sequence[int]) -> np.ndarray:
                 arr = np.asarray(im)
             if arr.ndim == 2 and arr.shape == (h, w * c):
                 arr = arr.reshape(h, c, w).transpose(0, 2, 1)
-    except MemoryError:
+    except (MemoryError, SystemError):  # the interpreter's trouble, not this sample's damage
         raise
     except Exception as e:  # noqa: BLE001  untrusted bytes: any decoder failure is this sample's damage
         raise ValueError(f"the {ext} member does not decode ({type(e).__name__}: {e})") from None
