@@ -7,7 +7,7 @@ PIP     := $(BIN)/python -m pip
 TEST_EXTRAS ?= dev,distributed,dali,chem,sc,eval
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: venv install install-test demo test bench bench-smoke clean
+.PHONY: venv install install-test demo test bench bench-smoke gpu-bundle gpu-check gpu-check-smoke clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -45,5 +45,20 @@ bench: $(VENV)/.test
 bench-smoke: $(VENV)/.test
 	set -e; for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b --smoke --out .cache/bench-smoke; done
 
+# Every GPU number in one command (benchmarks/gpu_check.py). On a networked machine, fetch the wheels a bare GPU
+# machine lacks (CPython 3.12, manylinux x86-64; about 8 MB) into .gpu-bundle/wheels; on the GPU machine, with
+# its own python and torch: `python3 benchmarks/gpu_check.py --out gpu-out --bundle .gpu-bundle` (what gpu-check
+# runs), about 8 minutes; then `python benchmarks/gpu_check.py --merge gpu-out` here appends the rows.
+GPU_OUT ?= gpu-out
+gpu-bundle: $(VENV)/.test
+	$(BIN)/python benchmarks/gpu_bundle.py download --dest .gpu-bundle
+
+gpu-check:
+	$(PY) benchmarks/gpu_check.py --out $(GPU_OUT) --bundle .gpu-bundle
+
+# The same command at tiny shapes on the CPU (the test suite runs it: tests/test_gpu_check.py).
+gpu-check-smoke: $(VENV)/.test
+	$(BIN)/python benchmarks/gpu_check.py --smoke --out .cache/gpu-check-smoke
+
 clean:
-	rm -rf $(VENV) .cache runs
+	rm -rf $(VENV) .cache runs $(GPU_OUT)

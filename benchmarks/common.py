@@ -114,6 +114,10 @@ def device_name(device) -> str:
 
 @functools.lru_cache(maxsize=1)
 def commit() -> str:
+    """The tree's commit: `git rev-parse --short HEAD`, or what gpu_check.py passes down (PHENOFLOW_COMMIT) when
+    the tree was copied to a machine without its .git."""
+    if os.environ.get("PHENOFLOW_COMMIT"):
+        return os.environ["PHENOFLOW_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                               check=True).stdout.strip()
@@ -122,9 +126,23 @@ def commit() -> str:
 
 
 def stamp(device) -> dict[str, str]:
-    """The columns every row carries: device, commit, date (UTC, ISO 8601)."""
+    """The columns every row carries: device, commit, date (UTC, ISO 8601), torch and Triton versions."""
     return {"device": device_name(device), "commit": commit(),
-            "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
+            "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), **versions()}
+
+
+@functools.lru_cache(maxsize=1)
+def versions() -> dict[str, str]:
+    """torch and Triton versions (rows from the pinned CPU build and the GPU machines' stack differ)."""
+    import torch
+
+    try:
+        import triton
+
+        tv = triton.__version__
+    except ImportError:
+        tv = ""
+    return {"torch": torch.__version__, "triton": tv}
 
 
 def append_rows(name: str, rows: list[dict], out_dir: str | Path | None) -> Path | None:
