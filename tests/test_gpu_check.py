@@ -16,8 +16,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks import gpu_bundle, gpu_check  # noqa: E402
-from benchmarks.gpu_summary import FIGURES  # noqa: E402
+from benchmarks import gpu_bundle, gpu_check
+from benchmarks.gpu_summary import FIGURES
 
 
 def test_smoke_run_has_every_summary_row(tmp_path):
