@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 PIP     := $(BIN)/python -m pip
 # Extras the test suite needs: DeepSpeed, DALI (CPU pipelines), RDKit and AnnData are real components in tests.
-TEST_EXTRAS ?= dev,distributed,dali,chem,sc,eval
+TEST_EXTRAS ?= dev,distributed,dali,chem,sc,eval,vcc
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
 .PHONY: venv install install-test demo test bench bench-smoke gpu-bundle gpu-check gpu-check-smoke clean

@@ -29,6 +29,8 @@ EXTRAS = {
     "sc": ["anndata", "scanpy"],
     "eval": ["scipy", "matplotlib", "tifffile"],
     "dev": ["pytest", "pytest-timeout", "ruff", "hypothesis"],
+    # cell-eval is a TEST reference for the VCC metrics (phenoflow.eval.expression never imports it).
+    "vcc": ["cell-eval==0.8.2"],
 }
 
 setup(
