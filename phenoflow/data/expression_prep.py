@@ -137,7 +137,6 @@ def prepare_expression(adata: Any, cols: ExpressionColumns | None = None, *, n_t
     through the shard converter instead.
     """
     import scanpy as sc
-    import scipy.sparse as sp
 
     cols = cols or ExpressionColumns()
     file = file or (report.file if report else str(getattr(adata, "filename", None) or "<AnnData>"))
