@@ -29,6 +29,8 @@ counts half (the expectation of that shuffle), so the value is deterministic.
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from ._data import ExpressionSet, with_real_controls
@@ -131,8 +133,10 @@ def aggregate_scores(es: ExpressionSet, groups) -> np.ndarray:
         ad.obs_names = [str(i) for i in range(ad.n_obs)]
         ad.obs["pert"] = pd.Categorical(es.perturbation[m])
         wanted = [p for c, p in groups if c == cov]
-        sc.tl.rank_genes_groups(ad, groupby="pert", groups=wanted, reference=es.control,
-                                method="t-test_overestim_var", n_genes=ad.n_vars, key_added="pb")
+        with warnings.catch_warnings():  # scanpy's own pandas fragmentation warnings, one per group
+            warnings.simplefilter("ignore", pd.errors.PerformanceWarning)
+            sc.tl.rank_genes_groups(ad, groupby="pert", groups=wanted, reference=es.control,
+                                    method="t-test_overestim_var", n_genes=ad.n_vars, key_added="pb")
         gene_pos = {g: i for i, g in enumerate(es.genes)}
         for p in wanted:
             df = sc.get.rank_genes_groups_df(ad, group=p, key="pb")
