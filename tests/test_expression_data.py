@@ -233,6 +233,7 @@ def test_negative_values_in_x(tmp_path):
         read_expression(write(a, tmp_path))
 
 
+@pytest.mark.filterwarnings("ignore:Variable names are not unique")
 def test_duplicated_var_names(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # anndata's own "not unique" warning
