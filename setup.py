@@ -26,7 +26,7 @@ EXTRAS = {
     "dali": ["nvidia-dali-cuda130"],
     "distributed": ["deepspeed"],
     "chem": ["rdkit"],
-    "sc": ["anndata", "scanpy"],
+    "sc": ["anndata", "scanpy", "scikit-misc"],  # scikit-misc: scanpy's seurat_v3 highly variable genes
     "eval": ["scipy", "matplotlib", "tifffile"],
     "dev": ["pytest", "pytest-timeout", "ruff", "hypothesis"],
     # cell-eval is a TEST reference for the VCC metrics (phenoflow.eval.expression never imports it).
