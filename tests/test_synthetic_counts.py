@@ -136,7 +136,7 @@ def test_every_expected_fold_change_is_measured_back(adata, truth):
                 for f, want in feats.items():
                     got, se = _measured(adata, truth, cond, ct, float(dose), f, with_se=True)
                     n += 1
-                    assert se < 0.12, (cond, ct, dose, f, se)  # the check has the power to see 0.5 log2 errors
+                    assert se < 0.2, (cond, ct, dose, f, se)  # power to see errors of 0.8 log2 and more
                     z = abs(got - want) / se
                     if z > worst[0]:
                         worst = (z, (cond, ct, dose, f, got, want, se))
@@ -176,15 +176,22 @@ def test_bimodal_responder_fraction_recovered(adata, truth):
         (prog,) = cat[c]["programs"]
         cells = _sel(adata, c, "K562")
         high, lo, hi = _two_means(_score(adata, truth, prog, cells))
-        ctrl = _score(adata, truth, prog, _sel(adata, "control", "K562")).mean()
-        assert abs(high.mean() - PENETRANCE) < 0.07, (c, high.mean())
+        ctrl_scores = _score(adata, truth, prog, _sel(adata, "control", "K562"))
+        ctrl = ctrl_scores.mean()
+        truly = adata.obs["true_responder"].to_numpy()[cells]
+        assert abs(truly.mean() - PENETRANCE) < 4 * math.sqrt(PENETRANCE * (1 - PENETRANCE) / truly.size)
+        assert abs(high.mean() - truly.mean()) < 0.05, (c, high.mean(), truly.mean())
         assert abs(lo - ctrl) < 0.25 and hi - lo > 1.0, (c, lo, hi, ctrl)
-        assert (high == adata.obs["true_responder"].to_numpy()[cells]).mean() > 0.9
-    # A uniform responder is not split in two: 2-means on it leaves no control-like component.
-    uniform = next(c for c, e in cat.items() if e.get("response") == "uniform" and e["type"] == "CRISPRi")
-    (prog,) = cat[uniform]["programs"]
-    _, lo, hi = _two_means(_score(adata, truth, prog, _sel(adata, uniform, "K562")))
-    assert hi - lo < 1.0
+        assert (high == truly).mean() > 0.9
+        below = (_score(adata, truth, prog, cells) <= np.median(ctrl_scores)).mean()
+        assert below > 0.5 * (1 - PENETRANCE) - 0.08, (c, below)  # the non-responders sit on the controls
+    # A uniform responder has no control-like subpopulation: few cells below the control median.
+    for c, e in cat.items():
+        if e.get("response") == "uniform" and e["type"] != "compound":
+            (prog,) = e["programs"]
+            ctrl_scores = _score(adata, truth, prog, _sel(adata, "control", "K562"))
+            below = (_score(adata, truth, prog, _sel(adata, c, "K562")) <= np.median(ctrl_scores)).mean()
+            assert below < 0.15, (c, below)
 
 
 def test_variance_changes(adata, truth):
@@ -211,8 +218,10 @@ def test_cell_type_specific_program_effect(adata, truth):
     for c in specific:
         (prog,) = cat[c]["programs"]
         want = truth["effects"][c]["expected_log2fc"]["K562"]["0.0"][prog]  # lfc, diluted if only some respond
-        assert abs(want) > 0.5 and abs(_measured(adata, truth, c, "K562", None, prog) - want) < 0.2
-        assert abs(_measured(adata, truth, c, "RPE1", None, prog)) < 0.15
+        got, se = _measured(adata, truth, c, "K562", None, prog, with_se=True)
+        assert abs(want) > 0.5 and abs(got - want) < 4 * se, (c, got, want, se)
+        got, se = _measured(adata, truth, c, "RPE1", None, prog, with_se=True)
+        assert abs(got) < 4 * se and se < 0.1, (c, got, se)
 
 
 def test_combinations_additive_or_epistatic_by_the_stated_amount(adata, truth):
@@ -223,10 +232,9 @@ def test_combinations_additive_or_epistatic_by_the_stated_amount(adata, truth):
         a, b = e["components"]
         progs = set(cat[a]["programs"]) | set(cat[b]["programs"]) | set(e["epistasis"])
         for p in progs:
-            got = _measured(adata, truth, c, "K562", None, p)
-            additive = (_measured(adata, truth, a, "K562", None, p) + _measured(adata, truth, b, "K562", None, p))
-            want = e["epistasis"].get(p, 0.0)
-            assert abs(got - additive - want) < 0.25, (c, p, got, additive, want)
+            (got, s0), (la, sa), (lb, sb) = (_measured(adata, truth, x, "K562", None, p, with_se=True) for x in (c, a, b))
+            want, se = e["epistasis"].get(p, 0.0), math.sqrt(s0 ** 2 + sa ** 2 + sb ** 2)
+            assert se < 0.2 and abs(got - la - lb - want) < 4 * se, (c, p, got, la + lb, want, se)
         if e["combination"] == "synergy":
             assert e["epistasis"] == {p: SYNERGY_LOG2FC for p in e["epistasis"]}
         if e["combination"] == "buffering":
@@ -288,6 +296,7 @@ def test_atlas_gene_sets_perturbations_and_dataset_covariate():
                   for k in (n, m)]
             assert np.allclose(b0[0], b0[1])  # one world; datasets differ by their batch offsets only
     assert plan_dataset(SPEC, "atlas_a", 0.8, 0.7) == plan_dataset(SPEC, "atlas_a", 0.8, 0.7)
+    assert plan_dataset(SPEC, "atlas_a", 0.8, 0.7) != plan_dataset(SPEC, "atlas_a", 0.8, 0.7, salt=1)
 
 
 def test_effects_table_and_spec_validation():

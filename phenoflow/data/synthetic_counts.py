@@ -87,18 +87,19 @@ def _code(name: str) -> int:
 
 
 def plan_dataset(spec: CountSpec, name: str = "synthetic", gene_fraction: float = 1.0,
-                 perturbation_fraction: float = 1.0) -> DatasetPlan:
+                 perturbation_fraction: float = 1.0, salt: int = 0) -> DatasetPlan:
     """A dataset's genes and conditions, drawn from (seed, name).
 
     Each genetic single is kept with ``max(2, round(fraction * n_genetic))`` picks, each compound with
     probability ``fraction``, a combination when both its components are kept; each gene with probability
-    ``gene_fraction``, and the targets of kept perturbations always. Fractions of 1 give the whole world.
+    ``gene_fraction``, and the targets of kept perturbations always. Fractions of 1 give the whole world;
+    ``salt`` > 0 draws another plan for the same name (``synthetic_atlas`` uses it to keep sets distinct).
     """
     if not (0 < gene_fraction <= 1 and 0 < perturbation_fraction <= 1):
         raise ValueError(f"gene_fraction={gene_fraction} and perturbation_fraction={perturbation_fraction} "
                          "must be in (0, 1]")
     w, cat = world(spec), catalogue(spec)
-    rng = np.random.default_rng([spec.seed, _code(name), 0x9E7])
+    rng = np.random.default_rng([spec.seed, _code(name), 0x9E7, salt])
     singles = [n for n, e in cat.items() if e["type"] in ("CRISPRi", "CRISPRa")]
     compounds = [n for n, e in cat.items() if e["type"] == "compound"]
     if perturbation_fraction < 1:
@@ -290,11 +291,17 @@ def synthetic_atlas(spec: CountSpec, n_cells: int | dict[str, int] = 5000,
                     perturbation_fraction: float = 0.7) -> dict[str, Any]:
     """Several datasets of one world: overlapping gene sets and perturbation sets (``plan_dataset``), the
     dataset name in ``obs['dataset']`` and its own per-gene batch offset. Returns name -> AnnData, each with its
-    own var_names (aligning them to one vocabulary is the loader's job)."""
-    out = {}
+    own var_names (aligning them to one vocabulary is the loader's job). With a fraction below 1, a plan whose
+    condition set repeats an earlier dataset's is redrawn (``salt`` 1, 2, ...; at most 100 tries)."""
+    out, seen = {}, []
     for name in datasets:
         n = n_cells[name] if isinstance(n_cells, dict) else n_cells
-        out[name] = generate_counts(spec, n, name, plan_dataset(spec, name, gene_fraction, perturbation_fraction))
+        for salt in range(100):
+            plan = plan_dataset(spec, name, gene_fraction, perturbation_fraction, salt)
+            if perturbation_fraction >= 1 or set(plan.conditions) not in seen:
+                break
+        seen.append(set(plan.conditions))
+        out[name] = generate_counts(spec, n, name, plan)
     return out
 
 
