@@ -14,6 +14,7 @@ from phenoflow.data.synthetic_counts import (
     plan_dataset,
     read_truth,
     synthetic_atlas,
+    write_h5ad,
 )
 from phenoflow.data.synthetic_counts_effects import (
     COMBOS,
@@ -121,8 +122,8 @@ def test_perturbench_conventions(adata, truth, tmp_path):
     assert set(obs["dataset"]) == {"synthetic"} and set(obs["cell_type"]) == {"K562", "RPE1"}
     assert (obs.loc[obs["condition"] == "control", "true_responder"] == False).all()
     json.dumps(truth)
-    path = tmp_path / "s.h5ad"
-    adata.write_h5ad(path)
+    path = write_h5ad(adata, tmp_path / "sub" / "s.h5ad")
+    assert sorted(p.name for p in path.parent.iterdir()) == ["s.h5ad"]  # no temporary left behind
     back = ad.read_h5ad(path)
     assert read_truth(back) == truth
     assert (back.layers["counts"] != counts).nnz == 0 and back.obs["condition"].equals(obs["condition"])

@@ -34,8 +34,10 @@ the control, exact). ``read_truth`` returns it as plain JSON types (also after a
 from __future__ import annotations
 
 import math
+import os
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -56,17 +58,8 @@ from .synthetic_counts_effects import (
 )
 from .vocab import CONTROL
 
-__all__ = [
-    "BLOCK",
-    "TARGET_SUM",
-    "CountSpec",
-    "DatasetPlan",
-    "effects_markdown",
-    "generate_counts",
-    "plan_dataset",
-    "read_truth",
-    "synthetic_atlas",
-]
+__all__ = ["BLOCK", "TARGET_SUM", "CountSpec", "DatasetPlan", "effects_markdown", "generate_counts", "plan_dataset",
+           "read_truth", "synthetic_atlas", "write_h5ad"]
 
 BLOCK = 1024
 TARGET_SUM = 1e4
@@ -303,6 +296,21 @@ def synthetic_atlas(spec: CountSpec, n_cells: int | dict[str, int] = 5000,
         seen.append(set(plan.conditions))
         out[name] = generate_counts(spec, n, name, plan)
     return out
+
+
+def write_h5ad(adata, path) -> Path:
+    """Write ``adata`` to ``path`` atomically (a temporary file beside it, fsynced, then renamed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        adata.write_h5ad(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def read_truth(adata) -> dict[str, Any]:
