@@ -312,5 +312,9 @@ def test_effects_table_and_spec_validation():
         CountSpec(n_genetic=4)
     with pytest.raises(ValueError, match="half of n_genes"):
         CountSpec(n_genes=400)
+    assert CountSpec.for_genes(2000) == CountSpec()
+    assert CountSpec.for_genes(300, seed=3).program_size == (150 - 8) // 20
+    with pytest.raises(ValueError, match="half of n_genes"):
+        CountSpec.for_genes(40)
     with pytest.raises(ValueError, match="n_cells"):
         generate_counts(SPEC, 0)

@@ -110,6 +110,13 @@ class CountSpec:
         if self.depth <= 0:
             raise ValueError(f"CountSpec.depth={self.depth} must be > 0")
 
+    @classmethod
+    def for_genes(cls, n_genes: int, **kw: Any) -> CountSpec:
+        """A spec for ``n_genes`` whose program size shrinks (from 25) until programs and targets fit."""
+        n_prog, n_gen = kw.get("n_programs", cls.n_programs), kw.get("n_genetic", cls.n_genetic)
+        size = min(kw.pop("program_size", cls.program_size), (n_genes // 2 - n_gen) // max(1, n_prog))
+        return cls(n_genes=n_genes, program_size=max(1, size), **kw)
+
     def programs_needed(self) -> int:
         return self.n_genetic + 2 * self.n_compounds + sum(kind == "synergy" for kind, _, _ in COMBOS[:self.n_combos])
 
