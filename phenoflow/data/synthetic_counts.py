@@ -6,7 +6,7 @@ cells from it and returns AnnData in PerturBench's conventions.
 
 Cell c of a dataset, in cell type t, condition with components K (one single, or ``A+B``), dose d (uM):
     r[c, k] ~ Bernoulli(penetrance_k)                                   responder flags, independent
-    shift[c, p] = sum_k r[c, k] s_k(t) L_k,p H_k(d) + [all r] eps_p     program log2 shift
+    shift[c, p] = sum_k r[c, k] s_k(t) L_k,p H_k(d) + [all r] min_k s_k(t) eps_p     program log2 shift
     a[c, p] = sd[c, p] z - sd[c, p]^2 ln(2) / 2 + shift[c, p],   z ~ N(0, 1)
         sd = 0.35, or the responder sd of a variance_up / variance_down component whose s_k(t) > 0
     log2 mu[c, g] = b[t, g] + beta[g] + a[c, prog(g)] + sum_k r[c, k] T_k [g = target_k]
@@ -191,7 +191,9 @@ def _to_csr_parts(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
 
 def generate_counts(spec: CountSpec, n_cells: int, dataset: str = "synthetic", plan: DatasetPlan | None = None):
-    """``n_cells`` cells of ``dataset`` (the whole world unless ``plan`` restricts it) as AnnData (module doc)."""
+    """``n_cells`` cells of ``dataset`` (the whole world unless ``plan`` restricts it) as AnnData (module doc).
+
+    With a ``plan``, its name is the dataset's name (``dataset`` is then unused)."""
     import anndata as ad
     import pandas as pd
     import scipy.sparse as sp

@@ -34,7 +34,7 @@ responds; at dose d (uM) a program p_up = prog{P + 2j - 1} moves by +2.0 * H(d) 
 (3.0 uM, 2) for even j; doses ``DOSES`` = 0.1, 1, 10 uM (P = n_genetic).
 Combinations (the first ``n_combos`` rows of ``COMBOS``, components by k): each component responds
 independently (its own penetrance); the log2 shifts of responding components add; the stated epistasis term
-is added in cells where every component responds:
+is added in cells where every component responds (times the smallest cell-type scale of the components):
     additive    none
     synergy     +1.5 on a program that neither single touches (the next unused program)
     buffering   -L_A on A's program (the combination leaves A's program at control level)
