@@ -64,6 +64,7 @@ class FlowConfig:
 
 @dataclass
 class DataConfig:
+    modality: str = "microscopy"  # microscopy (images, MiT) | expression (single-cell, U-Net); phenoflow/modalities.py
     source: str = "synthetic"  # synthetic | shards
     shards: str = ""  # folder with a manifest (source=shards); synthetic data is written to run_dir/data
     image_size: int = 96

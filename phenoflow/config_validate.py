@@ -41,6 +41,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "flow.path": ("linear", "vp", "bridge"),
     "flow.coupling": ("independent", "ot", "control"),
     "flow.time_sampler": ("uniform", "logit_normal"),
+    "data.modality": ("microscopy", "expression"),
     "data.source": ("synthetic", "shards"),
     "data.backend": ("webdataset", "dali"),
     "data.bad_sample_policy": ("error", "skip"),

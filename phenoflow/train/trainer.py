@@ -1,7 +1,7 @@
 """The training loop. Time is counted in samples seen; resume by rerunning the same command.
 
 One step (noise-to-data flow matching, ARCHITECTURE.md section 3):
-    x1 = dequantise(flip(encode(image)))          data, on [-1, 1]
+    x1 = the modality's data sample              images: dequantise(flip(encode(image))) on [-1, 1]
     x0 ~ N(0, I)  (or a coupling's source)        source
     t  ~ U[0, 1)  (or logit-normal)
     x_t, v* = path(x0, x1, t)                      linear: x_t = t x1 + (1 - t) x0, v* = x1 - x0
@@ -24,14 +24,12 @@ from tqdm import tqdm
 
 from phenoflow.config import Config, dump_yaml, to_dict
 from phenoflow.data.loader import ShardLoader
-from phenoflow.data.prepare import prepare_data
 from phenoflow.data.shards import load_manifest
-from phenoflow.data.transforms import augment, encode
 from phenoflow.errors import NonFiniteError  # exit code 3; re-exported
 from phenoflow.flow.couplings import minibatch_ot
 from phenoflow.flow.paths import build_path, sample_time
-from phenoflow.model.flops import mfu, train_flops_per_image
-from phenoflow.model.mit import LABEL_GROUPS, build_model
+from phenoflow.modalities import get_modality
+from phenoflow.model.flops import H100_BF16_PEAK_FLOPS
 from phenoflow.train.checkpoint import (
     CheckpointError,
     ema_filename,
@@ -52,8 +50,8 @@ def step_seed(seed: int, rank: int, samples_seen: int) -> int:
 
 
 def vocab_sizes(manifest: dict) -> dict[str, int]:
-    vocabs = manifest["vocabs"]
-    return {g: len(vocabs[g]) for g in LABEL_GROUPS if g in vocabs}
+    """The microscopy label groups of a manifest (kept for callers; modalities define their own)."""
+    return get_modality("microscopy").vocab_sizes(manifest)
 
 
 def carry_loader_state(states: list[dict], loader: ShardLoader, rank: int) -> dict:
@@ -133,16 +131,17 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_yaml(cfg, self.run_dir / "config.yaml")
         self.engine.barrier()
-        self.data_dir = prepare_data(cfg) if self.engine.is_main else None
+        self.modality = get_modality(cfg)  # model, data, batch transform (phenoflow/modalities.py)
+        self.data_dir = self.modality.prepare_data(cfg) if self.engine.is_main else None
         self.engine.barrier()
-        self.data_dir = self.data_dir or prepare_data(cfg)
+        self.data_dir = self.data_dir or self.modality.prepare_data(cfg)
         self.manifest = load_manifest(self.data_dir)
         if self.engine.is_main:
             write_json(self.manifest["vocabs"], self.run_dir / "vocab.json")
-        self.vocab_sizes = vocab_sizes(self.manifest)
+        self.vocab_sizes = self.modality.vocab_sizes(self.manifest)
 
         torch.manual_seed(t.seed)  # the initial weights depend on the seed alone
-        self.model = self.engine.setup(build_model(cfg, self.vocab_sizes))
+        self.model = self.engine.setup(self.modality.build_model(cfg, self.vocab_sizes, self.manifest))
         self.ema = PowerFunctionEMA(self.engine.ema_view(), stds=tuple(t.ema_stds))  # fp32 masters, local shards
         self.path = build_path(cfg.flow)
         self.loader = ShardLoader(
@@ -156,7 +155,7 @@ class Trainer:
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
         self.ckpt_path = self.run_dir / "checkpoints" / "latest.pt"
-        self.flops_per_image = train_flops_per_image(self.model.shape)
+        self.flops_per_sample = self.modality.train_flops(self.model)  # training FLOP per sample; 0 = unknown
 
     # ---- state -----------------------------------------------------------------------------------------
     # Checkpoint layout in run_dir/checkpoints/:
@@ -291,8 +290,7 @@ class Trainer:
     def compute_loss(self, batch: dict, gen: torch.Generator) -> torch.Tensor:
         """Flow-matching loss of one micro-batch. Override to change the objective."""
         cfg, dev = self.cfg, self.device
-        image = batch["image"].to(dev, non_blocking=True)
-        x1 = augment(encode(image), gen, hflip=cfg.data.hflip, vflip=cfg.data.vflip, dequantize=cfg.data.dequantize)
+        x1, labels = self.modality.batch_to_flow(cfg, batch, gen, dev)  # data sample and label ids
         x0 = torch.randn(x1.shape, generator=gen, device=dev)
         if cfg.flow.coupling == "ot":
             x0 = minibatch_ot(x0, x1)
@@ -301,7 +299,6 @@ class Trainer:
         t = sample_time(x1.shape[0], cfg.flow.time_sampler, generator=gen, device=dev,
                         mean=cfg.flow.logit_mean, std=cfg.flow.logit_std)
         xt, target = self.path.sample(x0, x1, t)
-        labels = {g: batch[g].to(dev) for g in LABEL_GROUPS if g in self.vocab_sizes}
         with self.engine.autocast():
             v = self.engine.forward_model(xt, t, labels)
         return (v.float() - target).pow(2).mean()
@@ -361,7 +358,7 @@ class Trainer:
                    "removed_temporaries": len(self.removed_temporaries),
                    "device": str(self.device), "engine": eng.name, "world_size": eng.world_size,
                    "params": self.engine.num_params(),
-                   "train_flops_per_image": self.flops_per_image})
+                   "modality": self.modality.name, "train_flops_per_sample": self.flops_per_sample})
         it = iter(self.loader)
         window = {"n": 0, "loss": 0.0, "grad_norm": 0.0, "data": 0.0, "forward": 0.0, "backward": 0.0,
                   "step": 0.0, "t0": time.perf_counter(), "samples": 0}
@@ -419,7 +416,8 @@ class Trainer:
         log.write({"event": "train", "samples": self.samples_seen, "loss": w["loss"] / n,
                    "grad_norm": w["grad_norm"] / n, "images_per_s": ips,
                    "images_per_s_per_rank": ips / self.engine.world_size,
-                   "mfu": mfu(ips / self.engine.world_size, self.model.shape), "peak_mem_gb": peak,
+                   "mfu": ips / self.engine.world_size * self.flops_per_sample / H100_BF16_PEAK_FLOPS,
+                   "peak_mem_gb": peak,
                    "peak_mem_gb_max_rank": self.engine.all_reduce_max(peak),  # collective: every rank logs
                    "time_data": w["data"], "time_forward": w["forward"], "time_backward": w["backward"],
                    "time_step": w["step"], "time_total": elapsed,

@@ -1,0 +1,90 @@
+"""The modality registry: what a modality plugs into the one trainer, the one sampler and the one evaluator.
+
+A modality supplies (in the spirit of torchtitan's train specs):
+
+    prepare_data(cfg) -> Path            a shard folder with a manifest (written once when the data is synthetic)
+    vocab_sizes(manifest) -> {group: n}  the label groups the model conditions on, from the manifest
+    build_model(cfg, vocab_sizes, manifest) -> nn.Module    forward(x, t, labels) -> velocity, shaped like x
+    batch_to_flow(cfg, batch, gen, device) -> (x1, labels)  a loader batch -> data sample x1 and label ids
+    train_flops(model) -> float          training FLOP per sample (forward + backward); 0 = unknown, MFU omitted
+
+Everything else (flow paths and couplings, engines, EMA, checkpoints, exact resume, logging, config, CLI) is
+shared. This module is the only place that knows every modality; it imports their parts lazily so that a
+microscopy run never imports scanpy and an expression run never imports the image generator's dependencies.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from phenoflow.config import Config, ConfigError
+
+
+@dataclass(frozen=True)
+class Modality:
+    name: str
+    prepare_data: Callable[[Config], Path]
+    vocab_sizes: Callable[[dict], dict[str, int]]
+    build_model: Callable[[Config, dict[str, int], dict], torch.nn.Module]
+    batch_to_flow: Callable[[Config, dict, torch.Generator, torch.device], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+    train_flops: Callable[[torch.nn.Module], float]
+    sample_noun: str  # what one sample is, for logs: "img", "cell"
+
+
+# ---- microscopy: MiT on uint8 cell-painting images --------------------------------------------------------
+
+def _image_prepare(cfg: Config) -> Path:
+    from phenoflow.data.prepare import prepare_data
+
+    return prepare_data(cfg)
+
+
+def _image_vocab_sizes(manifest: dict) -> dict[str, int]:
+    from phenoflow.model.mit import LABEL_GROUPS
+
+    vocabs = manifest["vocabs"]
+    return {g: len(vocabs[g]) for g in LABEL_GROUPS if g in vocabs}
+
+
+def _image_model(cfg: Config, vocab_sizes: dict[str, int], manifest: dict) -> torch.nn.Module:
+    from phenoflow.model.mit import build_model
+
+    return build_model(cfg, vocab_sizes)
+
+
+def _image_batch(cfg: Config, batch: dict, gen: torch.Generator, dev: torch.device):
+    """x1 = dequantise(flip(encode(image))) on [-1, 1] (ARCHITECTURE.md section 3); labels as integer ids."""
+    from phenoflow.data.transforms import augment, encode
+    from phenoflow.model.mit import LABEL_GROUPS
+
+    image = batch["image"].to(dev, non_blocking=True)
+    x1 = augment(encode(image), gen, hflip=cfg.data.hflip, vflip=cfg.data.vflip, dequantize=cfg.data.dequantize)
+    return x1, {g: batch[g].to(dev) for g in LABEL_GROUPS if g in batch}
+
+
+def _image_flops(model: torch.nn.Module) -> float:
+    from phenoflow.model.flops import train_flops_per_image
+
+    return train_flops_per_image(model.shape)
+
+
+MICROSCOPY = Modality("microscopy", _image_prepare, _image_vocab_sizes, _image_model, _image_batch, _image_flops,
+                      "img")
+
+MODALITIES: dict[str, Modality] = {"microscopy": MICROSCOPY}
+
+
+def register(modality: Modality) -> Modality:
+    MODALITIES[modality.name] = modality
+    return modality
+
+
+def get_modality(cfg_or_name: Config | str) -> Modality:
+    name = cfg_or_name if isinstance(cfg_or_name, str) else cfg_or_name.data.modality
+    if name not in MODALITIES:
+        raise ConfigError(f"data.modality={name!r} is not one of {sorted(MODALITIES)}")
+    return MODALITIES[name]
+
