@@ -12,6 +12,7 @@ key where there is one):
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,8 @@ from .shards import (
     _sha256,
     index_rows,
     load_manifest,
+    manifest_groups,
+    payload_exts,
     read_index,
     tar_index_rows,
     write_manifest,
@@ -30,6 +33,7 @@ from .shards import (
 from .tables import (
     CHECKSUM,
     LABEL_COLUMNS,
+    label_columns,
     payload_crc,
     read_label_table,
     write_label_table,
@@ -55,16 +59,20 @@ def check_index(folder: str | Path, record: dict[str, Any]) -> None:
                              f"loaders read the wrong bytes; rebuild it with `phenoflow data index {tar}`")
 
 
-def label_table_from_tar(folder: str | Path, record: dict[str, Any], checksums: bool = True) -> dict[str, list[Any]]:
+def label_table_from_tar(folder: str | Path, record: dict[str, Any], checksums: bool = True,
+                         groups: Sequence[str] = LABEL_GROUPS,
+                         exts: Sequence[str] = tuple(EXT_TO_ENCODING)) -> dict[str, list[Any]]:
     """The label table a shard's members give (what the writer writes; used to rebuild and verify): the label
-    columns from the json members and, with `checksums`, the crc32 of every image member."""
+    columns (of label groups `groups`) from the json members and, with `checksums`, the crc32 of every payload
+    member (extensions `exts`: images by default)."""
     import json
 
     folder = Path(folder)
-    cols: dict[str, list[Any]] = {c: [] for c in (*LABEL_COLUMNS, *([CHECKSUM] if checksums else []))}
+    names = label_columns(groups)
+    cols: dict[str, list[Any]] = {c: [] for c in (*names, *([CHECKSUM] if checksums else []))}
     with open(folder / record["name"], "rb") as f:
         for e in read_index(folder / record["index"]):
-            img = next((x for x in EXT_TO_ENCODING if x in e), None)
+            img = next((x for x in exts if x in e), None)
             if "json" not in e or (checksums and img is None):
                 raise ShardError(f"shard {record['name']}, key {e['__key__']}: missing "
                                  f"{'json' if 'json' not in e else 'image'} member")
@@ -76,9 +84,9 @@ def label_table_from_tar(folder: str | Path, record: dict[str, Any], checksums: 
                     raise ValueError(f"a {type(meta).__name__}, not an object")  # noqa: TRY004
             except ValueError as err:
                 raise ShardError(f"shard {record['name']}, key {e['__key__']}: json member: {err}") from None
-            for c in LABEL_COLUMNS:  # a missing field stays missing (null) so the loader reports that sample
+            for c in names:  # a missing field stays missing (null) so the loader reports that sample
                 v = meta.get(c)
-                cols[c].append(str(v) if c in LABEL_GROUPS and v is not None else v)
+                cols[c].append(str(v) if c in groups and v is not None else v)
             if checksums:
                 off, size = e[img]
                 f.seek(off)
@@ -95,11 +103,13 @@ def rebuild_label_tables(folder: str | Path) -> int:
     list it in the manifest. Returns the number of tables written."""
     folder = Path(folder)
     m = load_manifest(folder)
+    groups, exts = manifest_groups(m), payload_exts(m)
     n = 0
     for s in m["splits"].values():
         for rec in s["shards"]:
             name = rec.get("labels") or rec["name"].rsplit(".tar", 1)[0] + ".labels.json"
-            write_label_table(folder / name, label_table_from_tar(folder, rec))
+            write_label_table(folder / name, label_table_from_tar(folder, rec, True, groups, exts),
+                              label_columns(groups))
             rec["labels"], rec["checksum"] = name, CHECKSUM
             n += 1
     write_manifest(folder, m)
@@ -115,6 +125,8 @@ def verify_shards(folder: str | Path, checksums: bool = True) -> dict[str, int]:
     """Check every shard of a manifest (see the module docstring). Returns the sample count per split."""
     folder = Path(folder)
     m = load_manifest(folder)
+    groups, exts = manifest_groups(m), payload_exts(m)
+    names = label_columns(groups)
     counts = {}
     for split, s in m["splits"].items():
         for rec in s["shards"]:
@@ -128,10 +140,11 @@ def verify_shards(folder: str | Path, checksums: bool = True) -> dict[str, int]:
                                  f"manifest's {rec['count']}")
             check_index(folder, rec)
             if rec.get("labels"):
-                table = read_label_table(folder / rec["labels"], rec["count"], rec.get("checksum") == CHECKSUM)
+                table = read_label_table(folder / rec["labels"], rec["count"], rec.get("checksum") == CHECKSUM,
+                                         names)
                 if checksums:  # the table must say what the members say, sample by sample
-                    from_tar = label_table_from_tar(folder, rec, CHECKSUM in table)
-                    _compare_tables(folder / rec["labels"], p, table, from_tar)
+                    from_tar = label_table_from_tar(folder, rec, CHECKSUM in table, groups, exts)
+                    _compare_tables(folder / rec["labels"], p, table, from_tar, names, m.get("modality", "image"))
             if checksums and _sha256(p) != rec["sha256"]:
                 raise ShardError(f"shard {p}: sha256 differs from the manifest's (the tar changed after it was "
                                  "written)")
@@ -139,14 +152,16 @@ def verify_shards(folder: str | Path, checksums: bool = True) -> dict[str, int]:
     return counts
 
 
-def _compare_tables(path: Path, tar: Path, table: dict[str, list[Any]], from_tar: dict[str, list[Any]]) -> None:
+def _compare_tables(path: Path, tar: Path, table: dict[str, list[Any]], from_tar: dict[str, list[Any]],
+                    names: Sequence[str] = LABEL_COLUMNS, payload: str = "image") -> None:
     if CHECKSUM in table:
         bad = next((i for i, (a, b) in enumerate(zip(table[CHECKSUM], from_tar[CHECKSUM])) if a != b), None)
         if bad is not None:
-            raise ChecksumError(f"shard {tar}, key {from_tar['key'][bad]}: the image member's crc32 is "
+            raise ChecksumError(f"shard {tar}, key {from_tar['key'][bad]}: the {payload} member's crc32 is "
                                 f"{from_tar[CHECKSUM][bad]:08x}, its label table {path.name} recorded "
-                                f"{table[CHECKSUM][bad]:08x} when the shard was written: the image bytes are damaged")
-    for c in LABEL_COLUMNS:
+                                f"{table[CHECKSUM][bad]:08x} when the shard was written: the {payload} bytes are "
+                                "damaged")
+    for c in names:
         bad = next((i for i, (a, b) in enumerate(zip(table[c], from_tar[c])) if not _same_value(a, b)), None)
         if bad is not None:
             raise ShardError(f"label table {path}: {c} of key {from_tar['key'][bad]} is {table[c][bad]!r}, its "

@@ -39,10 +39,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from .errors import ChecksumError, MissingShardError, ShardError
 from .order import (  # noqa: F401  re-exported: callers import the order functions from here
+    _BatchIds,
     batches_per_epoch,
     epoch_order,
     part_bounds,
@@ -60,7 +61,7 @@ from .shards import (
     manifest_vocabs,
     split_shards,
 )
-from .tables import CHECKSUM, LabelTable, payload_crc, read_label_table
+from .tables import CHECKSUM, LabelTable, label_columns, payload_crc, read_label_table
 from .vocab import LABEL_GROUPS, UnknownLabelError, Vocab
 
 log = logging.getLogger("phenoflow.data")
@@ -97,28 +98,11 @@ def _read_raw_into(fd: int, entry: list[int], out: np.ndarray, scratch: bytearra
     return meta
 
 
-class _BatchIds(Sampler):
-    """Yields (epoch, batch) ids from a start position: one epoch (finite) or forever (infinite)."""
-
-    def __init__(self, epoch: int, batch: int, per_epoch: int, infinite: bool):
-        self.epoch, self.batch, self.per_epoch, self.infinite = epoch, batch, per_epoch, infinite
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        e, b = self.epoch, self.batch
-        while True:
-            if b >= self.per_epoch:
-                if not self.infinite or self.per_epoch == 0:
-                    return
-                e, b = e + 1, 0
-            yield e, b
-            b += 1
-
-    def __len__(self) -> int:
-        return max(self.per_epoch - self.batch, 0)
-
-
 class ShardBatches(Dataset):
-    """Map-style dataset whose item (epoch, b) is batch b of that epoch for one rank, read through shard indexes."""
+    """Map-style dataset whose item (epoch, b) is batch b of that epoch for one rank, read through shard indexes.
+    Expression folders use the subclass in expression_loader.py (same order, caches, checks and policies)."""
+
+    payload, exts = "image", tuple(EXT_TO_ENCODING)  # what a sample's payload member holds, its extensions
 
     def __init__(self, folder: str | Path, split: str, batch_size: int, rank: int, world_size: int, seed: int,
                  shuffle: bool, window: int, bad_sample_policy: str = "error", cache_shards: int = 32,
@@ -129,7 +113,7 @@ class ShardBatches(Dataset):
         self.records = split_shards(self.manifest, split)
         self.counts = [int(r["count"]) for r in self.records]
         self.starts = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
-        self.shape = tuple(self.manifest["image_shape"])
+        self.shape = tuple(self.manifest.get("image_shape", ()))  # () for expression folders
         self._shape_list = list(self.shape)
         self.vocabs: dict[str, Vocab] = manifest_vocabs(self.manifest)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
@@ -173,17 +157,21 @@ class ShardBatches(Dataset):
             self._indexes.move_to_end(s)
             return self._indexes[s]
         rec = self.records[s]
-        arr, keys = index_array(self.folder / rec["index"])
+        arr, keys = index_array(self.folder / rec["index"], self.exts)
         if len(keys) != rec["count"]:
             raise ShardError(f"shard {rec['name']}: index lists {len(keys)} samples, manifest {rec['count']}")
         table = None
         if rec.get("labels"):
-            cols = read_label_table(self.folder / rec["labels"], rec["count"], rec.get("checksum") == CHECKSUM)
-            table = LabelTable(cols, self.vocabs, keys, rec["name"])
+            cols = read_label_table(self.folder / rec["labels"], rec["count"], rec.get("checksum") == CHECKSUM,
+                                    label_columns(tuple(self.vocabs)))
+            table = self._table(cols, keys, rec["name"])
         self._indexes[s] = (arr, keys, arr.tolist(), table)
         while len(self._indexes) > max(self.cache_shards, self._pinned):
             self._indexes.popitem(last=False)
         return self._indexes[s]
+
+    def _table(self, cols: dict[str, list[Any]], keys: list[str], shard: str) -> Any:
+        return LabelTable(cols, self.vocabs, keys, shard)
 
     def _file(self, s: int) -> Any:
         if s in self._files:
@@ -241,7 +229,7 @@ class ShardBatches(Dataset):
     def _check_crc(self, data: Any, want: int, name: str, key: str) -> None:
         got = payload_crc(data)
         if got != want:
-            raise ChecksumError(f"shard {name}, key {key}: the image bytes read have crc32 {got:08x}, the label "
+            raise ChecksumError(f"shard {name}, key {key}: the {self.payload} bytes read have crc32 {got:08x}, the label "
                                 f"table recorded {want:08x} when the shard was written: the shard is damaged or its "
                                 f"index does not fit the tar (`phenoflow data verify {self.folder}` names which)")
 
@@ -419,9 +407,14 @@ class ShardLoader:
         self.rank, self.world_size, self.num_workers, self.seed = rank, world_size, num_workers, seed
         self.shuffle, self.drop_last, self.infinite, self.backend = shuffle, drop_last, infinite, backend
         self.prefetch_factor = prefetch_factor
-        self.dataset = ShardBatches(manifest_dir, split, batch_size, rank, world_size, seed, shuffle,
-                                    shuffle_buffer, bad_sample_policy, channels_last=channels_last,
-                                    checksums="off" if backend == "dali" else checksums)
+        cls = ShardBatches
+        if load_manifest(manifest_dir).get("modality") == "expression":  # same order, state and policies
+            from .expression_loader import ExpressionBatches as cls  # noqa: N813
+            if backend != "webdataset":
+                raise ValueError(f"{manifest_dir}: expression shards are read by the webdataset backend only")
+        self.dataset = cls(manifest_dir, split, batch_size, rank, world_size, seed, shuffle,
+                           shuffle_buffer, bad_sample_policy, channels_last=channels_last,
+                           checksums="off" if backend == "dali" else checksums)
         self.manifest = self.dataset.manifest
         if backend == "dali" and checksums != "off":
             log.info("%s: the DALI backend does not check per-sample checksums (DALI reads the tar members "
@@ -441,7 +434,7 @@ class ShardLoader:
 
     @property
     def channels(self) -> list[str]:
-        return list(self.manifest["channels"])
+        return list(self.manifest.get("channels", []))
 
     def __len__(self) -> int:
         """Batches per epoch for this rank."""
@@ -473,13 +466,15 @@ class ShardLoader:
         else:
             sampler = _BatchIds(self.epoch, self.batch, self.per_epoch, self.infinite)
             shape = (self.batch_size, *self.dataset.shape)
-            if self.num_workers == 0:  # in this process: slots for the batch being read, the caller's, the previous
-                ring = BatchRing(1, 3, shape, shared=False)
+            # Ring slots in this process: the batch being read, the caller's, the previous one. Per worker: its
+            # prefetched batches, the one being consumed, the consumer's previous one, and one spare; when the
+            # consumer holds more, workers fall back to fresh segments. Expression batches (no shape): no ring.
+            ring = None if not self.dataset.shape else \
+                BatchRing(1, 3, shape, shared=False) if self.num_workers == 0 else \
+                BatchRing(self.num_workers, self.prefetch_factor + 3, shape)
+            if self.num_workers == 0:
                 source = (self.dataset.fetch(item, ring) for item in sampler)
             else:
-                # Slots per worker: its prefetched batches, the one being consumed, the consumer's previous one,
-                # and one spare; when the consumer holds more, workers fall back to fresh segments.
-                ring = BatchRing(self.num_workers, self.prefetch_factor + 3, shape)
                 self.dataset.ring = ring  # the workers start (and take their copy of the dataset) in iter() below
                 # A private generator: DataLoader draws its workers' base seed when the iterator starts, and from
                 # the global torch generator that would shift the trainer's per-step draws after a resume.

@@ -1,11 +1,15 @@
 """The order of an epoch: a pure function of the manifest counts and (seed, epoch, rank, world_size,
 batch_size, shuffle_buffer); steps 1-5 are described in loader.py's docstring and docs/data.md, section 4.
 
-Shared by both backends (loader.py and dali.py), which is why it lives in a module of its own.
+Shared by both backends (loader.py and dali.py), which is why it lives in a module of its own; `_BatchIds`, the
+(epoch, batch) sampler of the webdataset backend, lives here too.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
+from torch.utils.data import Sampler
 
 
 def shard_order(num_shards: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
@@ -61,3 +65,23 @@ def batches_per_epoch(n: int, batch_size: int, rank: int, world_size: int, drop_
         return (n // world_size) // batch_size
     part = n * (rank + 1) // world_size - n * rank // world_size
     return -(-part // batch_size)
+
+
+class _BatchIds(Sampler):
+    """Yields (epoch, batch) ids from a start position: one epoch (finite) or forever (infinite)."""
+
+    def __init__(self, epoch: int, batch: int, per_epoch: int, infinite: bool):
+        self.epoch, self.batch, self.per_epoch, self.infinite = epoch, batch, per_epoch, infinite
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        e, b = self.epoch, self.batch
+        while True:
+            if b >= self.per_epoch:
+                if not self.infinite or self.per_epoch == 0:
+                    return
+                e, b = e + 1, 0
+            yield e, b
+            b += 1
+
+    def __len__(self) -> int:
+        return max(self.per_epoch - self.batch, 0)

@@ -50,6 +50,7 @@ from .tables import (  # noqa: F401  re-exported for callers of the earlier sing
     CHECKSUM,
     LABEL_COLUMNS,
     LABELS_FORMAT,
+    label_columns,
     payload_crc,
     read_label_table,
     write_label_table,
@@ -61,6 +62,10 @@ VERSION = 1
 ENCODINGS = {"raw": "img", "npy": "npy", "png": "png"}  # encoding -> member extension
 EXT_TO_ENCODING = {v: k for k, v in ENCODINGS.items()}
 INDEX_VERSION = "v1.2"  # DALI's wds2idx format
+# Fields every manifest of a modality has (image manifests have no "modality" field; expression_shards.py).
+MODALITY_FIELDS = {"image": ("image_shape", "channels", "vocabs", "splits", "encoding"),
+                   "expression": ("genes", "label_groups", "columns", "vocabs", "splits", "encoding")}
+PAYLOAD_EXTS = {"image": tuple(EXT_TO_ENCODING), "expression": ("csr",)}  # payload member extensions
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -147,13 +152,18 @@ class ShardWriter:
     """Writes one split's samples into `<prefix>-NNNNNN.tar` shards of `samples_per_shard` samples, atomically.
 
     ``write(image, meta)`` appends one sample; ``close()`` finishes the last shard and returns the shard records
-    (name, split, count, bytes, sha256, index) for the manifest.
+    (name, split, count, bytes, sha256, index) for the manifest. Other payloads (expression_shards.py) subclass
+    it with their own `encodings`, `groups` and `write`, which hands the encoded member to ``write_member``.
     """
+
+    payload = "image"
+    encodings = ENCODINGS  # encodings this writer accepts (encoding -> member extension)
+    groups: tuple[str, ...] = LABEL_GROUPS  # label groups: counted, and copied into the label table
 
     def __init__(self, out_dir: str | Path, split: str, samples_per_shard: int, encoding: str = "raw",
                  channels: Sequence[str] | None = None, prefix: str | None = None, start_shard: int = 0):
-        if encoding not in ENCODINGS:
-            raise ValueError(f"unknown image encoding {encoding!r} (known: {sorted(ENCODINGS)})")
+        if encoding not in self.encodings:
+            raise ValueError(f"unknown {self.payload} encoding {encoding!r} (known: {sorted(self.encodings)})")
         if samples_per_shard < 1:
             raise ValueError(f"samples_per_shard={samples_per_shard} must be >= 1")
         self.out_dir, self.split, self.encoding = Path(out_dir), split, encoding
@@ -161,7 +171,8 @@ class ShardWriter:
         self.prefix = prefix or split
         self.shard_no = start_shard
         self.records: list[dict[str, Any]] = []
-        self.label_counts: dict[str, Counter] = {g: Counter() for g in LABEL_GROUPS}
+        self.columns = label_columns(self.groups)
+        self.label_counts: dict[str, Counter] = {g: Counter() for g in self.groups}
         self._tar: tarfile.TarFile | None = None
         self._index: list[str] = []
         self._columns: dict[str, list[Any]] = {}
@@ -172,7 +183,7 @@ class ShardWriter:
         self._tmp = self.out_dir / f".{self._name}.tar.tmp{os.getpid()}"
         self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115  closed in _finish
         self._index, self._count = [], 0
-        self._columns = {c: [] for c in (*LABEL_COLUMNS, CHECKSUM)}
+        self._columns = {c: [] for c in (*self.columns, CHECKSUM)}
 
     def _add(self, name: str, data: bytes) -> tuple[int, int]:
         info = tarfile.TarInfo(name)
@@ -199,14 +210,20 @@ class ShardWriter:
             if g not in m:
                 raise ValueError(f"sample {key!r}: metadata lacks the label {g!r}")
             self.label_counts[g][str(m[g])] += 1
-        ext = ENCODINGS[self.encoding]
-        # json first, image second; the index lists both with their data offsets.
-        data = encode_image(image, self.encoding)
+        self.write_member(key, m, encode_image(image, self.encoding))
+
+    def write_member(self, key: str, m: dict[str, Any], data: bytes) -> None:
+        """Append one sample: its json member `m` (with every label-table column), then its payload `data` as
+        `<key>.<ext>`; index line, label-table row and the payload's crc32. The shard closes when full."""
+        if self._tar is None:
+            self._open()
+        ext = self.encodings[self.encoding]
+        # json first, payload second; the index lists both with their data offsets.
         parts = [("json", *self._add(f"{key}.json", json.dumps(m).encode())),
                  (ext, *self._add(f"{key}.{ext}", data))]
         self._index.append(" ".join(f"{e} {off} {size} {key}.{e}" for e, off, size in parts))
-        for c in LABEL_COLUMNS:  # the label table holds exactly what the json member says
-            self._columns[c].append(str(m[c]) if c in LABEL_GROUPS else m[c])
+        for c in self.columns:  # the label table holds exactly what the json member says
+            self._columns[c].append(str(m[c]) if c in self.groups else m[c])
         self._columns[CHECKSUM].append(payload_crc(data))  # of the bytes as stored: checked on every read path
         self._count += 1
         if self._count >= self.samples_per_shard:
@@ -221,7 +238,7 @@ class ShardWriter:
         idx_path = self.out_dir / f"{self._name}.idx"
         idx_tmp = self.out_dir / f".{self._name}.idx.tmp{os.getpid()}"
         idx_tmp.write_text(f"{INDEX_VERSION} {self._count}\n" + "\n".join(self._index) + "\n")
-        labels_path = write_label_table(self.out_dir / f"{self._name}.labels.json", self._columns)
+        labels_path = write_label_table(self.out_dir / f"{self._name}.labels.json", self._columns, self.columns)
         rec = {"name": tar_path.name, "index": idx_path.name, "labels": labels_path.name, "checksum": CHECKSUM,
                "split": self.split, "count": self._count, "bytes": self._tmp.stat().st_size,
                "sha256": _sha256(self._tmp)}
@@ -345,17 +362,30 @@ def load_manifest(folder: str | Path) -> dict[str, Any]:
         raise ManifestError(f"{p}: format is {got!r}, expected {FORMAT!r}")
     if m.get("version") != VERSION:
         raise ManifestError(f"{p}: version {m.get('version')!r} is not supported (this code reads {VERSION})")
-    for field in ("image_shape", "channels", "vocabs", "splits", "encoding"):
+    modality = m.get("modality", "image")  # image manifests predate the field
+    if modality not in MODALITY_FIELDS:
+        raise ManifestError(f"{p}: modality {modality!r} is not supported (known: {sorted(MODALITY_FIELDS)})")
+    for field in MODALITY_FIELDS[modality]:
         if field not in m:
             raise ManifestError(f"{p}: missing field {field!r}")
-    for g in LABEL_GROUPS:
+    for g in manifest_groups(m):
         if g not in m["vocabs"]:
             raise ManifestError(f"{p}: vocabs lacks the group {g!r}")
     return m
 
 
+def manifest_groups(manifest: dict[str, Any]) -> tuple[str, ...]:
+    """The label groups of a manifest: LABEL_GROUPS for images, `label_groups` for expression shards."""
+    return tuple(manifest.get("label_groups", LABEL_GROUPS))
+
+
+def payload_exts(manifest: dict[str, Any]) -> tuple[str, ...]:
+    """The member extensions that hold a sample's payload (image or expression row) in this manifest's shards."""
+    return PAYLOAD_EXTS[manifest.get("modality", "image")]
+
+
 def manifest_vocabs(manifest: dict[str, Any]) -> dict[str, Vocab]:
-    return {g: Vocab(manifest["vocabs"][g], name=g) for g in LABEL_GROUPS}
+    return {g: Vocab(manifest["vocabs"][g], name=g) for g in manifest_groups(manifest)}
 
 
 def split_shards(manifest: dict[str, Any], split: str) -> list[dict[str, Any]]:
@@ -406,9 +436,10 @@ def index_rows(path: str | Path) -> list[list[tuple[str, int, int, str]]]:
     return out
 
 
-def index_array(path: str | Path) -> tuple[np.ndarray, list[str]]:
-    """A shard index as a (count, 5) int64 array (json offset, json size, image offset, image size, image
-    extension code = position in EXT_TO_ENCODING; -1 rows for a sample lacking either member) and the keys.
+def index_array(path: str | Path, exts: Sequence[str] = tuple(EXT_TO_ENCODING)) -> tuple[np.ndarray, list[str]]:
+    """A shard index as a (count, 5) int64 array (json offset, json size, payload offset, payload size, payload
+    extension code = position in `exts`, default the image extensions of EXT_TO_ENCODING; -1 rows for a sample
+    lacking either member) and the keys.
 
     Indexes whose lines all read `json <off> <size> <key>.json <ext> <off> <size> <key>.<ext>` with one image
     extension (what the writer makes) are parsed column-wise in numpy, ~20x faster than line by line; anything
@@ -423,7 +454,7 @@ def index_array(path: str | Path) -> tuple[np.ndarray, list[str]]:
         raise ShardError(f"shard index {p}: unreadable ({e})") from None
     tok = text.split()
     n = int(tok[1]) if len(tok) >= 2 and tok[0] == INDEX_VERSION and tok[1].isdigit() else -1
-    exts = list(EXT_TO_ENCODING)
+    exts = list(exts)
     if n >= 0 and len(tok) == 2 + 8 * n and text.count("\n") in (n, n + 1):
         body = tok[2:]
         kinds, ext = set(body[0::8]), set(body[4::8])

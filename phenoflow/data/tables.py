@@ -14,6 +14,7 @@ import json
 import math
 import os
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +34,19 @@ def payload_crc(data: Any) -> int:
     return zlib.crc32(data)
 
 
-def write_label_table(path: str | Path, columns: dict[str, list[Any]]) -> Path:
-    """Write a shard's label table atomically: {"format", "count", one list per column of LABEL_COLUMNS, and
-    "crc32" when `columns` has it}."""
+def label_columns(groups: Sequence[str] = LABEL_GROUPS) -> tuple[str, ...]:
+    """The columns of a label table whose label groups are `groups` (images: LABEL_COLUMNS; expression shards:
+    the perturbation, each covariate and the dataset, see expression_shards.py)."""
+    return ("key", *groups, "dose", "is_control")
+
+
+def write_label_table(path: str | Path, columns: dict[str, list[Any]],
+                      names: Sequence[str] = LABEL_COLUMNS) -> Path:
+    """Write a shard's label table atomically: {"format", "count", one list per column of `names` (default
+    LABEL_COLUMNS), and "crc32" when `columns` has it}."""
     path = Path(path)
     n = len(columns["key"])
-    table = {"format": LABELS_FORMAT, "count": n, **{c: list(columns[c]) for c in LABEL_COLUMNS}}
+    table = {"format": LABELS_FORMAT, "count": n, **{c: list(columns[c]) for c in names}}
     if CHECKSUM in columns:
         table[CHECKSUM] = [int(x) for x in columns[CHECKSUM]]
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -47,10 +55,11 @@ def write_label_table(path: str | Path, columns: dict[str, list[Any]]) -> Path:
     return path
 
 
-def read_label_table(path: str | Path, count: int, checksums: bool = False) -> dict[str, list[Any]]:
+def read_label_table(path: str | Path, count: int, checksums: bool = False,
+                     names: Sequence[str] = LABEL_COLUMNS) -> dict[str, list[Any]]:
     """Read and check a shard's label table (format, count, every column of `count` entries; with `checksums`
-    the crc32 column too, which must then be there). Returns the LABEL_COLUMNS plus "crc32" when present. A
-    MissingShardError names the file, the field and the command that rebuilds the tables. Values are checked
+    the crc32 column too, which must then be there). Returns the columns `names` (default LABEL_COLUMNS) plus
+    "crc32" when present. A MissingShardError names the file, the field and the command that rebuilds the tables. Values are checked
     where they are used (the loader), sample by sample."""
     p = Path(path)
     rebuild = f"rebuild the folder's tables with `phenoflow data labels {p.parent}`"
@@ -63,7 +72,7 @@ def read_label_table(path: str | Path, count: int, checksums: bool = False) -> d
     if not isinstance(t, dict) or t.get("format") != LABELS_FORMAT:
         got = t.get("format") if isinstance(t, dict) else type(t).__name__
         raise MissingShardError(f"label table {p}: format is {got!r}, not {LABELS_FORMAT!r} ({rebuild})")
-    columns = [*LABEL_COLUMNS, CHECKSUM] if checksums or CHECKSUM in t else list(LABEL_COLUMNS)
+    columns = [*names, CHECKSUM] if checksums or CHECKSUM in t else list(names)
     for c in columns:
         if not isinstance(t.get(c), list) or len(t[c]) != count:
             got = len(t[c]) if isinstance(t.get(c), list) else "no"
