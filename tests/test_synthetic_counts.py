@@ -318,3 +318,20 @@ def test_effects_table_and_spec_validation():
         CountSpec.for_genes(40)
     with pytest.raises(ValueError, match="n_cells"):
         generate_counts(SPEC, 0)
+
+
+def test_cli_synth_expression(tmp_path):
+    import subprocess
+    import sys
+
+    import anndata as ad
+
+    out = tmp_path / "s.h5ad"
+    cmd = [sys.executable, "-m", "phenoflow.cli", "data", "synth-expression", "--out", str(out), "--cells", "300",
+           "--genes", "80"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    a = ad.read_h5ad(out)
+    assert a.n_obs == 300 and a.n_vars == 80 and "counts" in a.layers and "control" in set(a.obs["condition"])
+    bad = subprocess.run(cmd[:-4] + ["--cells", "0"], capture_output=True, text=True, check=False)
+    assert bad.returncode == 2 and "--cells=0" in bad.stderr and "Traceback" not in bad.stderr

@@ -37,6 +37,37 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_synth_expression(args: argparse.Namespace) -> int:
+    from .errors import DataError
+    from .synthetic_counts import generate_counts, synthetic_atlas, write_h5ad
+    from .synthetic_counts_effects import CountSpec, effects_markdown
+
+    try:
+        spec = CountSpec.for_genes(args.genes, n_cell_types=args.cell_types, seed=args.seed)
+        if args.cells < 1:
+            raise ValueError(f"--cells={args.cells} must be >= 1")
+    except ValueError as e:
+        raise DataError(f"data synth-expression: {e}") from e
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    if args.atlas:
+        names = tuple(f"atlas_{chr(ord('a') + i)}" for i in range(args.atlas))
+        made = synthetic_atlas(spec, args.cells, names)
+        paths = {n: write_h5ad(a, out.with_name(f"{out.stem}_{n}{out.suffix or '.h5ad'}")) for n, a in made.items()}
+    else:
+        made = {args.dataset: generate_counts(spec, args.cells, args.dataset)}
+        paths = {args.dataset: write_h5ad(made[args.dataset], out)}
+    dt = time.perf_counter() - t0
+    for n, a in made.items():
+        print(f"wrote {paths[n]}: {a.n_obs} cells x {a.n_vars} genes, {a.obs['condition'].nunique()} conditions "
+              f"(control included), dataset {n}")
+    print(f"{dt:.1f}s in all; counts in layers['counts'], .X = log1p(normalize_total 1e4), truth in "
+          "uns['phenoflow_synthetic']")
+    if args.effects:
+        print(effects_markdown(spec))
+    return 0
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert
 
@@ -96,6 +127,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--effects", action="store_true", help="print the table of known perturbation effects")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.image_size=64 data.train_images=10000")
     p.set_defaults(func=_cmd_synth)
+
+    p = sub.add_parser("synth-expression", help="write synthetic single-cell counts with known perturbation effects "
+                                                "(AnnData .h5ad, PerturBench conventions)")
+    p.add_argument("--out", required=True, help="output .h5ad (with --atlas: <stem>_<dataset>.h5ad beside it)")
+    p.add_argument("--cells", type=int, default=20000, help="cells per dataset (default 20000)")
+    p.add_argument("--genes", type=int, default=2000, help="genes of the world (default 2000)")
+    p.add_argument("--cell-types", type=int, default=2, help="cell types (default 2: K562, RPE1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dataset", default="synthetic", help="dataset name (obs['dataset']; seeds the cells)")
+    p.add_argument("--atlas", type=int, default=0,
+                   help="write this many datasets (atlas_a, atlas_b, ...) with overlapping gene and perturbation sets")
+    p.add_argument("--effects", action="store_true", help="print the table of known perturbation effects")
+    p.set_defaults(func=_cmd_synth_expression)
 
     p = sub.add_parser("convert", help="convert a public layout (CellFlux/IMPA, MiT CSV, generic CSV) to shards")
     p.add_argument("layout", choices=["cellflux", "mit", "generic"], help="input layout")
