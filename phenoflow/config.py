@@ -31,7 +31,7 @@ __all__ = ["PRESETS", "Config", "ConfigError", "DataConfig", "EvalConfig", "Flow
 
 @dataclass
 class ModelConfig:
-    arch: str = "mit"  # mit (microscopy transformer)
+    arch: str = "mit"  # mit (microscopy transformer) | unet (gene-axis U-Net, expression) | mlp (expression ablation)
     size: str = "XL"  # S | B | L | XL | tiny, see phenoflow.model.mit.MIT_SIZES
     patch_size: int = 2
     # Overrides of the size preset (0 = take the preset's value).
@@ -47,6 +47,13 @@ class ModelConfig:
     label_dropout: float = 0.15  # each label dropped to its null row independently (gives CFG)
     proj_dropout: float = 0.1  # dropout after the attention output projection
     long_skip: bool = True
+    # Expression velocity fields (model.arch=unet|mlp; phenoflow/model/expression.py). CPU-sized defaults; the
+    # PRiMeFlow shape reference is base 32, channel_mult [1, 2, 4, 8] (~5.8M parameters at 2,000 genes).
+    unet_base_channels: int = 16
+    unet_channel_mult: list[int] = field(default_factory=lambda: [1, 2, 4])
+    unet_num_res_blocks: int = 2
+    mlp_width: int = 512
+    mlp_depth: int = 4
     kernels: str = "torch"  # torch | triton
     attn_backend: str = "auto"  # auto | flash_attn | sdpa | math
 
@@ -92,6 +99,28 @@ class DataConfig:
     hflip: bool = True
     vflip: bool = True
     dequantize: bool = True
+
+
+@dataclass
+class ExpressionConfig:
+    """Single-cell expression data (data.modality=expression): where the labels live in the AnnData file
+    (PerturBench conventions by default), gene selection, the split, and the synthetic count generator."""
+    h5ad: str = ""  # data.source=anndata: this file is preprocessed, split and converted to shards in run_dir/data
+    perturbation_col: str = "condition"
+    control_label: str = "control"
+    combination_sep: str = "+"
+    covariates: list[str] = field(default_factory=lambda: ["cell_type"])
+    dose_col: str = "dose"
+    dataset_col: str = "dataset"
+    counts_layer: str = "counts"
+    n_top_genes: int = 4000  # highly variable genes, united with every measured target gene
+    split_task: str = "combine"  # transfer | combine | combine_inverse (PerturBench)
+    split_seed: int = 42
+    max_combination: int = 2  # components per perturbation label (A+B: 2)
+    # data.source=synthetic: negative-binomial counts with known effects (phenoflow/data/synthetic_counts.py)
+    synth_cells: int = 3000
+    synth_genes: int = 256
+    synth_cell_types: int = 2
 
 
 @dataclass
@@ -152,6 +181,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    expr: ExpressionConfig = field(default_factory=ExpressionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -410,6 +440,42 @@ def _bbbc021() -> Config:
     c.run.name = "bbbc021"
     c.data.shards = "data/bbbc021"
     c.data.channels = 3
+    return c
+
+
+def _expression(c: Config) -> Config:
+    c.data.modality, c.model.arch = "expression", "unet"
+    c.model.proj_dropout = 0.0
+    c.data.samples_per_shard = 4096
+    c.flow.path = "linear"
+    return c
+
+
+@preset("expression-demo")
+def _expression_demo() -> Config:
+    """Expression on the CPU: synthetic negative-binomial counts with known effects (3,000 cells x 256 genes,
+    combinations held out), a small gene-axis U-Net (base 16, channel_mult [1, 2, 4]), a few minutes."""
+    c = _expression(Config())
+    c.run.name = "expression-demo"
+    c.train.batch_size, c.train.total_samples, c.train.lr = 64, 64 * 600, 1e-3
+    c.train.log_every_samples, c.train.ckpt_every_samples = 64 * 50, 64 * 200
+    c.eval.ema_std = 0.05
+    c.eval.solver, c.eval.steps = "euler", 50
+    return c
+
+
+@preset("primeflow-norman")
+def _primeflow_norman() -> Config:
+    """PRiMeFlow on PerturBench's Norman19 (K562, CRISPRa singles and A+B combinations, `combine` split): the
+    gene-axis U-Net at the PRiMeFlow shape reference (base 32, channel_mult [1, 2, 4, 8]) on 4,000 HVGs plus
+    targets. Point expr.h5ad at the PerturBench-processed norman19 h5ad."""
+    c = _expression(Config())
+    c.run.name = "primeflow-norman"
+    c.data.source, c.expr.h5ad = "anndata", "data/norman19.h5ad"
+    c.model.unet_base_channels, c.model.unet_channel_mult = 32, [1, 2, 4, 8]
+    c.train.batch_size, c.train.total_samples, c.train.lr = 256, 256 * 50_000, 1e-4
+    c.train.log_every_samples, c.train.ckpt_every_samples = 256 * 200, 256 * 5000
+    c.eval.solver, c.eval.steps = "euler", 100
     return c
 
 

@@ -34,7 +34,7 @@ MAX_IMAGE_SIZE = 1024
 MAX_TOKENS = 65536
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "model.arch": ("mit",),
+    "model.arch": ("mit", "unet", "mlp"),
     "model.size": tuple(MODEL_SIZES),
     "model.kernels": ("torch", "triton"),
     "model.attn_backend": ("auto", "flash_attn", "sdpa", "math"),
@@ -42,7 +42,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "flow.coupling": ("independent", "ot", "control"),
     "flow.time_sampler": ("uniform", "logit_normal"),
     "data.modality": ("microscopy", "expression"),
-    "data.source": ("synthetic", "shards"),
+    "data.source": ("synthetic", "shards", "anndata"),
+    "expr.split_task": ("transfer", "combine", "combine_inverse"),
     "data.backend": ("webdataset", "dali"),
     "data.bad_sample_policy": ("error", "skip"),
     "data.checksums": ("first_pass", "always", "off"),
@@ -156,6 +157,31 @@ def check_model_shape(cfg: Any) -> None:
                           f"smaller images")
 
 
+def check_modality(cfg: Any) -> None:
+    """The model and data fields of the chosen modality (phenoflow/modalities.py)."""
+    d, m, e = cfg.data, cfg.model, cfg.expr
+    if d.modality == "microscopy":
+        if m.arch != "mit":
+            raise ConfigError(f"model.arch={m.arch!r} is an expression model; data.modality=microscopy trains mit")
+        if d.source == "anndata":
+            raise ConfigError("data.source=anndata needs data.modality=expression")
+        check_model_shape(cfg)
+        return
+    if m.arch not in ("unet", "mlp"):
+        raise ConfigError(f"model.arch={m.arch!r}: data.modality=expression trains unet or mlp")
+    for key in ("expr.n_top_genes", "expr.max_combination", "expr.synth_cells", "expr.synth_genes",
+                "expr.synth_cell_types", "model.unet_base_channels", "model.unet_num_res_blocks", "model.mlp_width",
+                "model.mlp_depth"):
+        if not _get(cfg, key) > 0:
+            raise ConfigError(f"{key}={_get(cfg, key)!r} must be > 0")
+    if not m.unet_channel_mult or any(c <= 0 for c in m.unet_channel_mult):
+        raise ConfigError(f"model.unet_channel_mult={m.unet_channel_mult} must be a non-empty list of positive ints")
+    if d.source == "anndata" and not e.h5ad:
+        raise ConfigError("expr.h5ad must name an AnnData file when data.source=anndata")
+    if not e.perturbation_col or not e.control_label or not e.combination_sep:
+        raise ConfigError("expr.perturbation_col, expr.control_label and expr.combination_sep must be non-empty")
+
+
 def validate(cfg: Any) -> Any:
     """Check a Config (phenoflow.config.Config) in place; returns it. Raises ConfigError naming the field."""
     check_finite(cfg)
@@ -176,7 +202,7 @@ def validate(cfg: Any) -> Any:
         raise ConfigError(f"data.channels={cfg.data.channels} must be 3 or 6")
     if cfg.model.patch_size not in (2, 4, 8):
         raise ConfigError(f"model.patch_size={cfg.model.patch_size} must be 2, 4 or 8")
-    check_model_shape(cfg)
+    check_modality(cfg)
     if cfg.train.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"train.zero_stage={cfg.train.zero_stage} must be 0, 1, 2 or 3")
     if not cfg.train.ema_stds or any(not 0 < s < 12 ** -0.5 for s in cfg.train.ema_stds):

@@ -74,7 +74,51 @@ def _image_flops(model: torch.nn.Module) -> float:
 MICROSCOPY = Modality("microscopy", _image_prepare, _image_vocab_sizes, _image_model, _image_batch, _image_flops,
                       "img")
 
-MODALITIES: dict[str, Modality] = {"microscopy": MICROSCOPY}
+
+# ---- expression: a velocity field over the gene axis (PRiMeFlow) on log1p expression --------------------------
+# Label groups: the perturbation (components of a combination as (B, K) ids padded with -1; a combination
+# embeds as the sum of its components), each covariate and the dataset as (B,) ids, the dose as a float.
+EXPRESSION_NON_LABEL_VOCABS = ("gene",)
+
+
+def _expr_prepare(cfg: Config) -> Path:
+    from phenoflow.data.expression_data import prepare_expression_data
+
+    return prepare_expression_data(cfg)
+
+
+def _expr_vocab_sizes(manifest: dict) -> dict[str, int]:
+    return {g: len(v) for g, v in manifest["vocabs"].items() if g not in EXPRESSION_NON_LABEL_VOCABS}
+
+
+def _expr_model(cfg: Config, vocab_sizes: dict[str, int], manifest: dict) -> torch.nn.Module:
+    from phenoflow.model.expression import build_expression_model
+
+    m = cfg.model
+    common = {"label_dropout": m.label_dropout, "dose": "dose" in manifest.get("label_columns", ["dose"])}
+    if m.arch == "unet":
+        opts = {"base_channels": m.unet_base_channels, "channel_mult": tuple(m.unet_channel_mult),
+                "num_res_blocks": m.unet_num_res_blocks, "norm_groups": min(8, m.unet_base_channels)}
+    else:
+        opts = {"width": m.mlp_width, "depth": m.mlp_depth}
+    return build_expression_model(m.arch, len(manifest["genes"]), vocab_sizes, **common, **opts)
+
+
+def _expr_batch(cfg: Config, batch: dict, gen: torch.Generator, dev: torch.device):
+    """x1 = log1p expression of the kept genes (B, G); labels: every label group of the batch plus the dose."""
+    x1 = batch["x"].to(dev, non_blocking=True).float()
+    groups = [g for g in batch if g not in ("x", "key", "is_control") and torch.is_tensor(batch[g])]
+    return x1, {g: batch[g].to(dev) for g in groups}
+
+
+def _expr_flops(model: torch.nn.Module) -> float:
+    return 0.0  # no analytic count yet for the U-Net / MLP: MFU is not reported for expression runs
+
+
+EXPRESSION = Modality("expression", _expr_prepare, _expr_vocab_sizes, _expr_model, _expr_batch, _expr_flops,
+                      "cell")
+
+MODALITIES: dict[str, Modality] = {"microscopy": MICROSCOPY, "expression": EXPRESSION}
 
 
 def register(modality: Modality) -> Modality:

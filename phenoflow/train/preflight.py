@@ -114,7 +114,14 @@ def check_resume_files(cfg: Any) -> None:
 def preflight(cfg: Any, world_size: int = 1, evaluate: bool = False) -> None:
     """Every check of `cfg` against its data and run folder that can be made before anything is written.
     `world_size`: the number of training processes; `evaluate`: the command also evaluates (eval.split)."""
-    check_data(cfg, world_size, data_summary(cfg), evaluate=evaluate)
+    if cfg.data.modality == "expression":
+        # The expression data's size is known only after preprocessing and splitting (expression_data.py):
+        # the batch is checked against the ranks here, the cells per split when the loader opens them.
+        micro_batch(cfg, world_size)
+        if cfg.data.source == "anndata" and not Path(cfg.expr.h5ad).is_file():
+            raise ConfigError(f"expr.h5ad={cfg.expr.h5ad!r} is not a file (data.source=anndata reads it)")
+    else:
+        check_data(cfg, world_size, data_summary(cfg), evaluate=evaluate)
     check_resume_files(cfg)
 
 
