@@ -71,7 +71,17 @@ def _cmd_synth_expression(args: argparse.Namespace) -> int:
 def _cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert
 
-    summary = convert(args.layout, args.csv, args.out, image_root=args.images, samples_per_shard=args.samples_per_shard,
+    if args.layout == "anndata":  # h5ad -> expression shards (expression_shards.py)
+        from .expression_shards import convert_cli
+
+        print(json.dumps(convert_cli(args), indent=1))
+        return 0
+    if not args.csv:
+        from .errors import DataError
+
+        raise DataError(f"data convert {args.layout}: --csv is required")
+    summary = convert(args.layout, args.csv, args.out, image_root=args.images,
+                      samples_per_shard=args.samples_per_shard or 1024,
                       encoding=args.encoding, workers=args.workers, channels=args.channels,
                       bad_sample_policy=args.bad_sample_policy, seed=args.seed, image_size=args.image_size,
                       label_with_dose=args.label_with_dose, allow_outside_images=args.allow_outside_images)
@@ -141,14 +151,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--effects", action="store_true", help="print the table of known perturbation effects")
     p.set_defaults(func=_cmd_synth_expression)
 
-    p = sub.add_parser("convert", help="convert a public layout (CellFlux/IMPA, MiT CSV, generic CSV) to shards")
-    p.add_argument("layout", choices=["cellflux", "mit", "generic"], help="input layout")
-    p.add_argument("--csv", required=True, help="metadata CSV")
+    p = sub.add_parser("convert", help="convert a public layout (CellFlux/IMPA, MiT CSV, generic CSV) or an h5ad "
+                                       "file (anndata) to shards")
+    p.add_argument("layout", choices=["cellflux", "mit", "generic", "anndata"], help="input layout")
+    p.add_argument("--csv", default=None, help="metadata CSV (image layouts)")
     p.add_argument("--images", default=None, help="image root folder (default: the CSV's folder)")
     p.add_argument("--out", required=True, help="output shard folder")
-    p.add_argument("--samples-per-shard", type=int, default=1024)
+    p.add_argument("--samples-per-shard", type=int, default=None, help="default 1024 (images), 4096 (anndata)")
     p.add_argument("--encoding", default="raw", choices=["raw", "npy", "png"])
     p.add_argument("--workers", type=int, default=1, help="parallel converter processes")
+    p.add_argument("--h5ad", default=None, help="anndata: the .h5ad file (read on disk through h5py)")
+    p.add_argument("--genes", default=None, help="anndata: kept gene list, one per line or a JSON list (default all)")
+    p.add_argument("--split-csv", default=None, help="anndata: cell_id,split CSV (default: every cell in train)")
+    p.add_argument("--columns", nargs="+", default=[], metavar="FIELD=VALUE",
+                   help="anndata: ExpressionColumns fields, e.g. perturbation=condition covariates=cell_type,treatment "
+                        "dose=none dataset=dataset control=control separator=+")
+    p.add_argument("--max-combination", type=int, default=2, help="anndata: most components of a perturbation")
+    p.add_argument("--x-state", default="auto", choices=["auto", "counts", "normalized", "log1p"],
+                   help="anndata: what .X holds (auto: detected, see expression_prep)")
     p.add_argument("--channels", default=None, help="comma-separated channel names (default: by channel count)")
     p.add_argument("--image-size", type=int, default=0, help="expected image size (0 = from the first image)")
     p.add_argument("--bad-sample-policy", default="error", choices=["error", "skip"])
