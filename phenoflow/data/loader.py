@@ -409,7 +409,7 @@ class ShardLoader:
         self.prefetch_factor = prefetch_factor
         cls = ShardBatches
         if load_manifest(manifest_dir).get("modality") == "expression":  # same order, state and policies
-            from .expression_loader import ExpressionBatches as cls  # noqa: N813
+            from .expression_loader import ExpressionBatches as cls
             if backend != "webdataset":
                 raise ValueError(f"{manifest_dir}: expression shards are read by the webdataset backend only")
         self.dataset = cls(manifest_dir, split, batch_size, rank, world_size, seed, shuffle,
