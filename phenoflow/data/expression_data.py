@@ -52,7 +52,11 @@ def _source_anndata(cfg: Config, cols: ExpressionColumns):
         from .synthetic_counts import generate_counts
         from .synthetic_counts_effects import CountSpec
 
-        spec = CountSpec.for_genes(e.synth_genes, n_cell_types=e.synth_cell_types, seed=cfg.data.synth_seed)
+        try:
+            spec = CountSpec.for_genes(e.synth_genes, n_cell_types=e.synth_cell_types, seed=cfg.data.synth_seed)
+        except ValueError as err:
+            raise ConfigError(f"expr.synth_genes={e.synth_genes}, expr.synth_cell_types={e.synth_cell_types}: "
+                              f"{err}") from err
         return generate_counts(spec, e.synth_cells), "synthetic counts"
     from .anndata_io import read_expression
 

@@ -78,10 +78,10 @@ def _crossed(before: int, after: int, every: int) -> bool:
 class RunLog:
     """Rank-0 logging: a status line per interval, JSON lines in run_dir/log.jsonl, a progress bar."""
 
-    def __init__(self, run_dir: Path, total: int, start: int, enabled: bool):
-        self.enabled = enabled
+    def __init__(self, run_dir: Path, total: int, start: int, enabled: bool, noun: str = "img"):
+        self.enabled, self.noun = enabled, noun
         self.path = run_dir / "log.jsonl"
-        self.bar = tqdm(total=total, initial=start, unit="img", dynamic_ncols=True, disable=not enabled or not sys.stderr.isatty(),
+        self.bar = tqdm(total=total, initial=start, unit=noun, dynamic_ncols=True, disable=not enabled or not sys.stderr.isatty(),
                         mininterval=2.0)
 
     def write(self, record: dict) -> None:
@@ -91,7 +91,7 @@ class RunLog:
             f.write(json.dumps(record) + "\n")
         if record.get("event") == "train":
             self.bar.write(
-                f"[{record['samples']:>10d}] loss {record['loss']:.4f}  {record['images_per_s']:.1f} img/s"
+                f"[{record['samples']:>10d}] loss {record['loss']:.4f}  {record['images_per_s']:.1f} {self.noun}/s"
                 f"  mfu {100 * record['mfu']:.2f}%  grad {record['grad_norm']:.3f}  mem {record['peak_mem_gb']:.2f} GB"
                 f"  (data {record['time_data']:.2f}s fwd {record['time_forward']:.2f}s"
                 f" bwd {record['time_backward']:.2f}s step {record['time_step']:.2f}s)")
@@ -350,7 +350,7 @@ class Trainer:
     def _fit(self) -> Path:
         t_cfg, eng = self.cfg.train, self.engine
         resumed = self.try_resume()
-        log = RunLog(self.run_dir, t_cfg.total_samples, self.samples_seen, eng.is_main)
+        log = RunLog(self.run_dir, t_cfg.total_samples, self.samples_seen, eng.is_main, self.modality.sample_noun)
         if self.removed_temporaries:
             log.bar.write(f"removed {len(self.removed_temporaries)} temporary file(s) of interrupted writes "
                           f"from {self.run_dir}")
