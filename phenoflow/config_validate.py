@@ -218,10 +218,6 @@ def validate(cfg: Any) -> Any:
     for f in cfg.eval.features:
         if f not in ("morphology", "inception", "dinov2"):
             raise ConfigError(f"eval.features entry {f!r} is not morphology, inception or dinov2")
-    if cfg.flow.coupling == "control":
-        raise ConfigError("flow.coupling=control is not supported by the trainer yet (it needs a per-experiment "
-                          "control pool); counterfactual sampling from controls is `phenoflow evaluate --mode "
-                          "counterfactual`")
     if cfg.data.source == "shards" and not cfg.data.shards:
         raise ConfigError("data.shards must name a shard folder when data.source=shards")
     if cfg.train.deepspeed_config and not Path(cfg.train.deepspeed_config).is_file():

@@ -7,6 +7,8 @@ A modality supplies (in the spirit of torchtitan's train specs):
     build_model(cfg, vocab_sizes, manifest) -> nn.Module    forward(x, t, labels) -> velocity, shaped like x
     batch_to_flow(cfg, batch, gen, device) -> (x1, labels)  a loader batch -> data sample x1 and label ids
     train_flops(model) -> float          training FLOP per sample (forward + backward); 0 = unknown, MFU omitted
+    control_groups(manifest) -> groups   the label groups that define "the same condition" for the control pool
+                                         of flow.coupling=control (phenoflow/train/control_pool.py)
 
 Everything else (flow paths and couplings, engines, EMA, checkpoints, exact resume, logging, config, CLI) is
 shared. This module is the only place that knows every modality; it imports their parts lazily so that a
@@ -32,6 +34,8 @@ class Modality:
     batch_to_flow: Callable[[Config, dict, torch.Generator, torch.device], tuple[torch.Tensor, dict[str, torch.Tensor]]]
     train_flops: Callable[[torch.nn.Module], float]
     sample_noun: str  # what one sample is, for logs: "img", "cell"
+    # flow.coupling=control: a sample's source is a control of the same values of these label groups
+    control_groups: Callable[[dict], tuple[str, ...]] = lambda manifest: ()
 
 
 # ---- microscopy: MiT on uint8 cell-painting images --------------------------------------------------------
@@ -71,8 +75,13 @@ def _image_flops(model: torch.nn.Module) -> float:
     return train_flops_per_image(model.shape)
 
 
+def _image_control_groups(manifest: dict) -> tuple[str, ...]:
+    """Config A: a control of the same experiment (batch effects) and cell type."""
+    return tuple(g for g in ("experiment", "cell_type") if g in manifest["vocabs"])
+
+
 MICROSCOPY = Modality("microscopy", _image_prepare, _image_vocab_sizes, _image_model, _image_batch, _image_flops,
-                      "img")
+                      "img", _image_control_groups)
 
 
 # ---- expression: a velocity field over the gene axis (PRiMeFlow) on log1p expression --------------------------
@@ -115,8 +124,14 @@ def _expr_flops(model: torch.nn.Module) -> float:
     return 0.0  # no analytic count yet for the U-Net / MLP: MFU is not reported for expression runs
 
 
+def _expr_control_groups(manifest: dict) -> tuple[str, ...]:
+    """A control cell of the same covariates (e.g. cell_type) and source dataset: every label group but the
+    perturbation (PerturBench's matched controls)."""
+    return tuple(g for g in manifest["vocabs"] if g not in ("perturbation", *EXPRESSION_NON_LABEL_VOCABS))
+
+
 EXPRESSION = Modality("expression", _expr_prepare, _expr_vocab_sizes, _expr_model, _expr_batch, _expr_flops,
-                      "cell")
+                      "cell", _expr_control_groups)
 
 MODALITIES: dict[str, Modality] = {"microscopy": MICROSCOPY, "expression": EXPRESSION}
 

@@ -2,7 +2,7 @@
 
 One step (noise-to-data flow matching, ARCHITECTURE.md section 3):
     x1 = the modality's data sample              images: dequantise(flip(encode(image))) on [-1, 1]
-    x0 ~ N(0, I)  (or a coupling's source)        source
+    x0 ~ N(0, I)  (or a coupling's source)        source; coupling=control: a same-group control + noise
     t  ~ U[0, 1)  (or logit-normal)
     x_t, v* = path(x0, x1, t)                      linear: x_t = t x1 + (1 - t) x0, v* = x1 - x0
     loss = || v_theta(x_t, t, labels) - v* ||^2   mean over pixels and batch
@@ -150,6 +150,11 @@ class Trainer:
             backend=cfg.data.backend, bad_sample_policy=cfg.data.bad_sample_policy,
             shuffle_buffer=cfg.data.shuffle_buffer, channels_last=cfg.data.channels_last,
             checksums=cfg.data.checksums)
+        self.control_pool = None  # flow.coupling=control: same-group controls of the train split, indexed at start
+        if cfg.flow.coupling == "control":
+            from phenoflow.train.control_pool import build_control_pool
+
+            self.control_pool = build_control_pool(cfg, self.modality, self.data_dir, self.manifest)
         self.samples_seen = 0
         self.saved_samples = -1  # samples_seen of the last complete checkpoint (native + consolidated) on disk
         self.nonfinite_in_row = 0
@@ -174,7 +179,8 @@ class Trainer:
     def _rank_state(self) -> dict:
         """This rank's share of a native checkpoint: EMA pieces, loader position, counters."""
         return {"ema": self.ema.state_dict(), "loader": self.loader.state_dict(), "samples_seen": self.samples_seen,
-                "nonfinite_total": self.nonfinite_total, "nonfinite_in_row": self.nonfinite_in_row}
+                "nonfinite_total": self.nonfinite_total, "nonfinite_in_row": self.nonfinite_in_row,
+                "control_pool": self.control_pool.state_dict() if self.control_pool else None}
 
     def state_dict(self) -> dict | None:
         """The consolidated checkpoint (collective; the dict on rank 0, None elsewhere)."""
@@ -182,11 +188,13 @@ class Trainer:
         full = eng.full_state()
         ema = {key: eng.gather(avg) for key, avg in self.ema.state_dict().items()}
         loaders = eng.gather_objects(self.loader.state_dict())
+        pools = eng.gather_objects(self.control_pool.state_dict()) if self.control_pool else None
         if not eng.is_main:
             return None
         return {"format": self.CONSOLIDATED_FORMAT, "model": full["model"], "optimizer": full["optimizer"],
                 "ema": ema, "loader": loaders, "samples_seen": self.samples_seen,
-                "nonfinite_total": self.nonfinite_total, "nonfinite_in_row": self.nonfinite_in_row, "layout": eng.native_signature(), "config": to_dict(self.cfg)}
+                "nonfinite_total": self.nonfinite_total, "nonfinite_in_row": self.nonfinite_in_row, "layout": eng.native_signature(), "config": to_dict(self.cfg),
+                "control_pool": pools}
 
     def save(self, path: Path | None = None) -> None:
         """Checkpoint; every rank calls it. Sharded engines first write their native checkpoint (each rank its
@@ -227,6 +235,8 @@ class Trainer:
                 self.samples_seen = int(st["samples_seen"])
                 self.nonfinite_total = int(st.get("nonfinite_total", 0))
                 self.nonfinite_in_row = int(st.get("nonfinite_in_row", 0))
+                if self.control_pool and st.get("control_pool"):
+                    self.control_pool.load_state_dict(st["control_pool"])
                 # Complete only if latest.pt was written after this native checkpoint (a kill between the two
                 # leaves it older): then the end of fit() writes both again instead of exporting at once.
                 if self._consolidated_samples() == self.samples_seen:
@@ -268,6 +278,8 @@ class Trainer:
         self.samples_seen = int(state["samples_seen"])
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
         self.nonfinite_in_row = int(state.get("nonfinite_in_row", 0))
+        if self.control_pool:
+            self.control_pool.load_states(state.get("control_pool"), eng.rank, eng.world_size)
 
     def export(self) -> Path:
         """Raw and EMA weights (full, fp32) as safetensors plus the resolved config as JSON: loadable in a
@@ -291,11 +303,12 @@ class Trainer:
         """Flow-matching loss of one micro-batch. Override to change the objective."""
         cfg, dev = self.cfg, self.device
         x1, labels = self.modality.batch_to_flow(cfg, batch, gen, dev)  # data sample and label ids
-        x0 = torch.randn(x1.shape, generator=gen, device=dev)
-        if cfg.flow.coupling == "ot":
-            x0 = minibatch_ot(x0, x1)
-        elif cfg.flow.coupling == "control":
-            raise NotImplementedError("flow.coupling=control needs a control pool; use the counterfactual sampler")
+        if self.control_pool is not None:  # Config A: a same-group control (modality transform) + noise
+            x0 = self.control_pool.source(cfg, self.modality, batch, gen, dev).to(x1.dtype)
+        else:
+            x0 = torch.randn(x1.shape, generator=gen, device=dev)
+            if cfg.flow.coupling == "ot":
+                x0 = minibatch_ot(x0, x1)
         t = sample_time(x1.shape[0], cfg.flow.time_sampler, generator=gen, device=dev,
                         mean=cfg.flow.logit_mean, std=cfg.flow.logit_std)
         xt, target = self.path.sample(x0, x1, t)
