@@ -1,6 +1,7 @@
 """The `phenoflow` console script: one entry point, one subcommand per job.
 
     phenoflow demo                                   synth -> train -> sample -> score -> report (embedded default)
+    phenoflow demo --modality expression             the same for single-cell expression (preset expression-demo)
     phenoflow train --preset demo train.batch_size=32 [--dry-run]
     phenoflow data synth|convert|plan ...
     phenoflow sample / evaluate ...
@@ -45,21 +46,34 @@ def cmd_train(args) -> int:
     return 0
 
 
+DEMO_PRESETS = {"microscopy": "demo", "expression": "expression-demo"}
+
+
 def cmd_demo(args) -> int:
+    if args.modality and args.preset == "demo":  # --modality picks the modality's demo preset
+        args.preset = DEMO_PRESETS[args.modality]
     cfg = config_from_args(args)
     if dry_run(cfg, args):
         return 0
-    from phenoflow.train.preflight import preflight
+    expression = cfg.data.modality == "expression"
+    if not expression:  # expression data and splits are checked when the run's data is prepared
+        from phenoflow.train.preflight import preflight
 
-    preflight(cfg, world_size=1, evaluate=True)  # before anything is written
-    from phenoflow.eval.evaluate import evaluate
+        preflight(cfg, world_size=1, evaluate=True)  # before anything is written
     from phenoflow.train.trainer import train
 
     t0 = time.perf_counter()
     print(f"[demo] run folder {cfg.run_dir}: synthetic data, training {cfg.train.total_samples} samples")
     train(cfg)
     t1 = time.perf_counter()
-    report = evaluate(cfg, cfg.run_dir)
+    if expression:
+        from phenoflow.eval.expression.report import evaluate_expression_run
+
+        report = evaluate_expression_run(cfg, cfg.run_dir)
+    else:
+        from phenoflow.eval.evaluate import evaluate
+
+        report = evaluate(cfg, cfg.run_dir)
     t2 = time.perf_counter()
     print(f"[demo] trained in {t1 - t0:.0f}s, evaluated in {t2 - t1:.0f}s")
     print(f"[demo] report: {report / 'metrics.md'}")
@@ -88,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the whole pipeline on embedded synthetic data (a few minutes on CPU)")
     add_config_args(p)
+    p.add_argument("--modality", choices=sorted(DEMO_PRESETS), default=None,
+                   help="expression: synthetic single-cell counts (preset expression-demo) instead of images")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="train or resume (rerun the same command to resume)")

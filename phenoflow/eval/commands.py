@@ -57,6 +57,8 @@ def cmd_evaluate(args) -> int:
     cfg = config_from_args(args)
     if dry_run(cfg, args):
         return 0
+    if cfg.data.modality == "expression":
+        return _evaluate_expression(cfg, args)
     preflight_eval(cfg, args.splits, args.data_dir)  # before any data or report is written
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     started = _launch_distributed(cfg)
@@ -88,9 +90,35 @@ def _evaluate_splits(cfg, args) -> int:
     return 0
 
 
+def _evaluate_expression(cfg, args) -> int:
+    """Expression runs (data.modality=expression): h5ad predictions, PerturBench/VCC/distribution metrics."""
+    from phenoflow.eval.expression.report import evaluate_expression_run
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    base = Path(args.report_dir) if args.report_dir else Path(args.run_dir or cfg.run_dir) / "report"
+    for split in args.splits or [None]:
+        if split is not None:
+            cfg = config_from_args(args)
+            cfg.eval.split = split
+            validate(cfg)
+        report = evaluate_expression_run(cfg, args.run_dir, base / split if split else base, seed=args.seed,
+                                         data_dir=args.data_dir, mode=args.mode)
+        print(f"report{f' ({split})' if split else ''}: {report / 'metrics.md'}")
+    return 0
+
+
 def cmd_sample(args) -> int:
     cfg = config_from_args(args)
     if dry_run(cfg, args):
+        return 0
+    if cfg.data.modality == "expression":
+        from phenoflow.eval.expression.generate import sample_expression
+
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        out = sample_expression(cfg, args.run_dir, out_dir=args.out, seed=args.seed, data_dir=args.data_dir,
+                                mode=args.mode)
+        print(f"samples: {out['real'].parent} (real: {out['real'].name}, predictions: "
+              + ", ".join(p.name for p in out["pred"].values()) + ")")
         return 0
     preflight_eval(cfg, None, args.data_dir)  # before any data or sample is written
     from phenoflow.eval.evaluate import sample
