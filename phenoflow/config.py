@@ -467,6 +467,8 @@ def _expression_demo() -> Config:
 @preset("primeflow-norman")
 def _primeflow_norman() -> Config:
     """PRiMeFlow on PerturBench's Norman19 (K562, CRISPRa singles and A+B combinations, `combine` split): the
+    # The combine split puts the held-out combination in test (val holds only controls at this size).
+    c.eval.split, c.eval.guidance, c.eval.batch_size = "test", [1.0, 2.0], 256
     gene-axis U-Net at the PRiMeFlow shape reference (base 32, channel_mult [1, 2, 4, 8]) on 4,000 HVGs plus
     targets. Point expr.h5ad at the PerturBench-processed norman19 h5ad."""
     c = _expression(Config())
