@@ -461,14 +461,14 @@ def _expression_demo() -> Config:
     c.train.log_every_samples, c.train.ckpt_every_samples = 64 * 50, 64 * 200
     c.eval.ema_std = 0.05
     c.eval.solver, c.eval.steps = "euler", 50
+    # The combine split puts the held-out combination in test (val holds only controls at this size).
+    c.eval.split, c.eval.guidance, c.eval.batch_size = "test", [1.0, 2.0], 256
     return c
 
 
 @preset("primeflow-norman")
 def _primeflow_norman() -> Config:
     """PRiMeFlow on PerturBench's Norman19 (K562, CRISPRa singles and A+B combinations, `combine` split): the
-    # The combine split puts the held-out combination in test (val holds only controls at this size).
-    c.eval.split, c.eval.guidance, c.eval.batch_size = "test", [1.0, 2.0], 256
     gene-axis U-Net at the PRiMeFlow shape reference (base 32, channel_mult [1, 2, 4, 8]) on 4,000 HVGs plus
     targets. Point expr.h5ad at the PerturBench-processed norman19 h5ad."""
     c = _expression(Config())
