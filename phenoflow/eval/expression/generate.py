@@ -255,6 +255,9 @@ def sample_expression(cfg: Config, run_dir: str | Path | None = None, out_dir: s
     cells = read_split(data, cfg.eval.split, checksums=cfg.data.checksums)
     if manifest is not None and list(manifest["genes"]) != cells.genes:
         raise ConfigError(f"{data}: its genes differ from the ones the model in {run_dir}/export was trained on")
+    if cells.is_control.all():
+        raise ConfigError(f"eval.split={cfg.eval.split!r} of {data} holds only control cells: nothing to generate "
+                          "(choose a split with perturbed cells, e.g. eval.split=test)")
     upper = train_max(data, run_dir / "eval_cache")
     out_dir.mkdir(parents=True, exist_ok=True)
     real_path = out_dir / f"real_{cfg.eval.split}.h5ad"
