@@ -149,6 +149,12 @@ class TrainConfig:
     # After each optimizer step, check the weights are finite and undo a step that made them non-finite (one
     # fused norm, ~1 ms per step on the demo preset; memory: one more fp32 copy of this rank's weights).
     weight_guard: bool = True
+    # Finetuning (docs/finetune.md): a NEW run starts from these weights (a run folder, an export folder or a
+    # consolidated latest.pt; read only through safetensors / weights_only), matched to this run's label
+    # vocabularies and genes by name; optimizer state and sample count start fresh. A resumed run ignores it.
+    init_from: str = ""
+    init_ema: float = 0.0  # 0 = the source's raw weights, else one of its EMA widths (e.g. 0.05)
+    trainable: str = "all"  # all | adaln (MiT: adaLN modulation + label tables) | conditioning (expression)
 
 
 @dataclass

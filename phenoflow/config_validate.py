@@ -50,6 +50,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.precision": ("auto", "bf16", "fp32"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.engine": ("single", "ddp", "deepspeed", "fsdp2"),
+    "train.trainable": ("all", "adaln", "conditioning"),
     "eval.solver": ("dopri5", "heun", "euler"),
     "eval.split": ("train", "val", "test", "iid", "ood", "seen", "unseen"),
 }
@@ -66,7 +67,7 @@ NON_NEGATIVE = [
     "model.depth", "model.hidden_size", "model.num_heads", "model.num_perturbations",
     "model.num_experiments", "model.num_cell_types", "data.val_images", "data.num_workers",
     "train.micro_batch_size", "train.weight_decay", "train.grad_clip", "train.seed", "eval.max_images",
-    "eval.ema_std", "flow.bridge_sigma", "flow.control_noise",
+    "eval.ema_std", "flow.bridge_sigma", "flow.control_noise", "train.init_ema",
 ]
 UNIT_INTERVAL = ["model.label_dropout", "model.proj_dropout", "train.beta1", "train.beta2"]
 
@@ -182,6 +183,22 @@ def check_modality(cfg: Any) -> None:
         raise ConfigError("expr.perturbation_col, expr.control_label and expr.combination_sep must be non-empty")
 
 
+def check_finetune(cfg: Any) -> None:
+    """train.init_from / init_ema / trainable (docs/finetune.md). The source itself is checked only when a new
+    run applies it (phenoflow/train/finetune.py): a resumed run, or the evaluation of a finetuned export, does
+    not need it any more."""
+    t = cfg.train
+    if t.init_ema and not t.init_from:
+        raise ConfigError(f"train.init_ema={t.init_ema} needs train.init_from")
+    wants = {"adaln": "microscopy", "conditioning": "expression"}
+    if t.trainable in wants and cfg.data.modality != wants[t.trainable]:
+        raise ConfigError(f"train.trainable={t.trainable!r} is for data.modality={wants[t.trainable]}, not "
+                          f"{cfg.data.modality!r}")
+    if t.trainable != "all" and t.engine not in ("single", "ddp"):
+        raise ConfigError(f"train.trainable={t.trainable!r} needs train.engine=single or ddp (frozen parameters "
+                          f"are not yet carried through the {t.engine} optimizer's partitions)")
+
+
 def validate(cfg: Any) -> Any:
     """Check a Config (phenoflow.config.Config) in place; returns it. Raises ConfigError naming the field."""
     check_finite(cfg)
@@ -224,6 +241,7 @@ def validate(cfg: Any) -> Any:
         raise ConfigError(f"train.deepspeed_config={cfg.train.deepspeed_config!r} is not a file")
     if cfg.train.cpu_offload and cfg.train.engine != "deepspeed":
         raise ConfigError(f"train.cpu_offload=true needs train.engine=deepspeed, not {cfg.train.engine!r}")
+    check_finetune(cfg)
     mb = cfg.train.micro_batch_size
     if mb and cfg.train.batch_size % mb:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not a multiple of train.micro_batch_size={mb}")

@@ -40,6 +40,11 @@ from phenoflow.train.checkpoint import (
 )
 from phenoflow.train.ema import PowerFunctionEMA
 from phenoflow.train.engines import build_engine
+from phenoflow.train.finetune import (
+    init_from_checkpoint,
+    parameter_counts,
+    setup_trainable,
+)
 from phenoflow.train.preflight import preflight
 from phenoflow.train.run_folder import RunLock, take_run_folder
 
@@ -141,7 +146,8 @@ class Trainer:
         self.vocab_sizes = self.modality.vocab_sizes(self.manifest)
 
         torch.manual_seed(t.seed)  # the initial weights depend on the seed alone
-        self.model = self.engine.setup(self.modality.build_model(cfg, self.vocab_sizes, self.manifest))
+        self.model = setup_trainable(self.engine, self.modality.build_model(cfg, self.vocab_sizes, self.manifest),
+                                     t.trainable)  # freezes by train.trainable before the optimizer exists
         self.ema = PowerFunctionEMA(self.engine.ema_view(), stds=tuple(t.ema_stds))  # fp32 masters, local shards
         self.path = build_path(cfg.flow)
         self.loader = ShardLoader(
@@ -363,6 +369,8 @@ class Trainer:
     def _fit(self) -> Path:
         t_cfg, eng = self.cfg.train, self.engine
         resumed = self.try_resume()
+        if not resumed and t_cfg.init_from:  # a new run only: a resumed run's own checkpoint wins
+            init_from_checkpoint(self)  # weights only (optimizer fresh, 0 samples); finetune.json
         log = RunLog(self.run_dir, t_cfg.total_samples, self.samples_seen, eng.is_main, self.modality.sample_noun)
         if self.removed_temporaries:
             log.bar.write(f"removed {len(self.removed_temporaries)} temporary file(s) of interrupted writes "
@@ -370,7 +378,8 @@ class Trainer:
         log.write({"event": "start", "resumed": resumed, "samples_seen": self.samples_seen,
                    "removed_temporaries": len(self.removed_temporaries),
                    "device": str(self.device), "engine": eng.name, "world_size": eng.world_size,
-                   "params": self.engine.num_params(),
+                   "params": self.engine.num_params(), **({"init_from": t_cfg.init_from} if t_cfg.init_from else {}),
+                   **({"frozen_params": parameter_counts(self.model)["frozen"]} if t_cfg.trainable != "all" else {}),
                    "modality": self.modality.name, "train_flops_per_sample": self.flops_per_sample})
         it = iter(self.loader)
         window = {"n": 0, "loss": 0.0, "grad_norm": 0.0, "data": 0.0, "forward": 0.0, "backward": 0.0,
