@@ -158,9 +158,11 @@ def test_model_shape_is_checked_at_config_time(override, needle):
 
 
 def test_model_shape_limits_leave_real_shapes_alone():
-    resolve("demo", ["data.image_size=512", "model.patch_size=2"])  # 65,536 tokens: the limit
-    resolve("demo", ["model.depth=3", "model.long_skip=false"])
-    resolve("demo", ["model.size=XL-h64"])
+    at_limit = resolve("demo", ["data.image_size=512", "model.patch_size=2"])  # 65,536 tokens: the limit
+    assert (at_limit.data.image_size // at_limit.model.patch_size) ** 2 == 65_536
+    odd_depth = resolve("demo", ["model.depth=3", "model.long_skip=false"])
+    assert odd_depth.model.depth == 3 and odd_depth.model.long_skip is False
+    assert resolve("demo", ["model.size=XL-h64"]).model.size == "XL-h64"
 
 
 def test_one_size_table_for_validation_and_model():
