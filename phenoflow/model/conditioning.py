@@ -45,6 +45,18 @@ def multihot_to_ids(multihot: Tensor, max_components: int) -> Tensor:
     return torch.where(order < n, order, torch.full_like(order, -1))
 
 
+
+def null_labels(labels: dict[str, Tensor], groups, num_classes: dict[str, int]) -> dict[str, Tensor]:
+    """A copy of `labels` with each group in `groups` set to its null id (index n_g, the table's extra row),
+    whatever its shape ((B,) ids or (B, K) components). Shared by MiT and the expression models."""
+    out = dict(labels)
+    for g in groups:
+        if g not in num_classes:
+            raise KeyError(f"unknown label group {g!r}; known: {list(num_classes)}")
+        if g in out:
+            out[g] = torch.full_like(out[g], num_classes[g])
+    return out
+
 class TimeEmbedding(nn.Module):
     """Equation (2)."""
 
@@ -136,13 +148,7 @@ class Conditioning(nn.Module):
 
     def null_labels(self, labels: dict[str, Tensor], groups=(PERTURBATION,)) -> dict[str, Tensor]:
         """A copy of labels with the given groups set to null (every component = the null id; same shape)."""
-        out = dict(labels)
-        for g in groups:
-            if g not in self.num_classes:
-                raise KeyError(f"unknown label group {g!r}; known: {list(self.num_classes)}")
-            if g in out:
-                out[g] = torch.full_like(out[g], self.null_index(g))
-        return out
+        return null_labels(labels, groups, self.num_classes)
 
     def forward(self, t: Tensor, labels: dict[str, Tensor] | None, batch: int) -> Tensor:
         labels = labels or {}

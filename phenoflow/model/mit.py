@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from phenoflow.config_validate import MODEL_SIZES
+from phenoflow.model.conditioning import null_labels
 from phenoflow.model.layers import (
     attention,
     gated_residual,
@@ -201,13 +202,7 @@ class MiT(nn.Module):
 
     def null_labels(self, labels: dict[str, torch.Tensor], groups=("perturbation",)) -> dict[str, torch.Tensor]:
         """A copy of labels with the given groups set to their null row (for classifier-free guidance)."""
-        out = dict(labels)
-        for g in groups:
-            if g not in self.num_classes:
-                raise KeyError(f"unknown label group {g!r}; known: {list(self.num_classes)}")
-            if g in out:
-                out[g] = torch.full_like(out[g], self.null_index(g))
-        return out
+        return null_labels(labels, groups, self.num_classes)
 
     def embed_labels(self, labels: dict[str, torch.Tensor], batch: int, device) -> torch.Tensor:
         c = 0
