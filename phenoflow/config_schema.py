@@ -1,0 +1,179 @@
+"""The configuration's typed sections (model, flow, data, expr, train, eval, run) and the `Config` that holds them.
+
+Loading, overrides and validation are in `phenoflow.config`; the named presets in `phenoflow.presets`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# ----------------------------------------------------------------------------------------------------------
+# Sections.
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "mit"  # mit (microscopy transformer) | unet (gene-axis U-Net, expression) | mlp (expression ablation)
+    size: str = "XL"  # S | B | L | XL | tiny, see phenoflow.model.mit.MIT_SIZES
+    patch_size: int = 2
+    # Overrides of the size preset (0 = take the preset's value).
+    depth: int = 0
+    hidden_size: int = 0
+    num_heads: int = 0
+    mlp_ratio: float = 4.0
+    # Image size and channel count come from the data section.
+    # Label vocabulary sizes; 0 = taken from the data's vocabularies when the model is built.
+    num_perturbations: int = 0
+    num_experiments: int = 0
+    num_cell_types: int = 0
+    label_dropout: float = 0.15  # each label dropped to its null row independently (gives CFG)
+    proj_dropout: float = 0.1  # dropout after the attention output projection
+    long_skip: bool = True
+    # Expression velocity fields (model.arch=unet|mlp; phenoflow/model/expression.py). CPU-sized defaults; the
+    # PRiMeFlow shape reference is base 32, channel_mult [1, 2, 4, 8] (~5.8M parameters at 2,000 genes).
+    unet_base_channels: int = 16
+    unet_channel_mult: list[int] = field(default_factory=lambda: [1, 2, 4])
+    unet_num_res_blocks: int = 2
+    mlp_width: int = 512
+    mlp_depth: int = 4
+    kernels: str = "torch"  # torch | triton
+    attn_backend: str = "auto"  # auto | flash_attn | sdpa | math
+
+
+@dataclass
+class FlowConfig:
+    path: str = "linear"  # linear | vp | bridge
+    bridge_sigma: float = 0.1
+    coupling: str = "independent"  # independent | ot | control
+    control_noise: float = 0.1  # std of the noise added to control images (coupling=control)
+    time_sampler: str = "uniform"  # uniform | logit_normal
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    modality: str = "microscopy"  # microscopy (images, MiT) | expression (single-cell, U-Net); phenoflow/modalities.py
+    source: str = "synthetic"  # synthetic | shards
+    shards: str = ""  # folder with a manifest (source=shards); synthetic data is written to run_dir/data
+    image_size: int = 96
+    channels: int = 6  # 6 (cell painting) or 3 (RGB)
+    # Synthetic generator.
+    num_perturbations: int = 8
+    num_experiments: int = 3
+    num_cell_types: int = 1
+    train_images: int = 2048
+    val_images: int = 256
+    synth_seed: int = 0
+    samples_per_shard: int = 1024
+    # Loading.
+    backend: str = "webdataset"  # webdataset | dali
+    num_workers: int = 0
+    shuffle_buffer: int = 1000
+    bad_sample_policy: str = "error"  # error | skip (counted and logged)
+    # When image bytes are checked against the crc32 in the shard's label table: first_pass (the first read of
+    # each sample after a start or resume; ~40 us per 96x96x6 crop, first epoch only), always, off.
+    checksums: str = "first_pass"
+    # Batches as a (B, C, H, W) view of the HWC buffer (channels-last strides) instead of a CHW copy: same
+    # values, a third of the loader's CPU cost for raw shards (webdataset backend).
+    channels_last: bool = True
+    # Augmentation (paper: random h/v flips, uniform dequantisation x + U[0,1)/128 on [-1, 1] data).
+    hflip: bool = True
+    vflip: bool = True
+    dequantize: bool = True
+
+
+@dataclass
+class ExpressionConfig:
+    """Single-cell expression data (data.modality=expression): where the labels live in the AnnData file
+    (PerturBench conventions by default), gene selection, the split, and the synthetic count generator."""
+    h5ad: str = ""  # data.source=anndata: this file is preprocessed, split and converted to shards in run_dir/data
+    perturbation_col: str = "condition"
+    control_label: str = "control"
+    combination_sep: str = "+"
+    covariates: list[str] = field(default_factory=lambda: ["cell_type"])
+    dose_col: str = "dose"
+    dataset_col: str = "dataset"
+    counts_layer: str = "counts"
+    n_top_genes: int = 4000  # highly variable genes, united with every measured target gene
+    split_task: str = "combine"  # transfer | combine | combine_inverse (PerturBench)
+    split_seed: int = 42
+    max_combination: int = 2  # components per perturbation label (A+B: 2)
+    # data.source=synthetic: negative-binomial counts with known effects (phenoflow/data/synthetic_counts.py)
+    synth_cells: int = 3000
+    synth_genes: int = 256
+    synth_cell_types: int = 2
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 256  # global batch
+    micro_batch_size: int = 0  # 0 = batch_size / world size (no accumulation)
+    total_samples: int = 256 * 150_000  # training length counted in samples seen
+    lr: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    weight_decay: float = 0.0
+    grad_clip: float = 0.5
+    ema_stds: list[float] = field(default_factory=lambda: [0.01, 0.05])
+    seed: int = 0
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    device: str = "auto"  # auto | cpu | cuda
+    engine: str = "single"  # single | ddp | deepspeed | fsdp2
+    zero_stage: int = 2
+    cpu_offload: bool = False  # deepspeed: optimizer states and fp32 masters in CPU memory (ZeRO-Offload)
+    deepspeed_config: str = ""  # deepspeed: a JSON file whose keys override the generated DeepSpeed config
+    compile: bool = False
+    activation_checkpointing: bool = False
+    log_every_samples: int = 256 * 100
+    ckpt_every_samples: int = 256 * 5000
+    max_nonfinite_steps: int = 10
+    # After each optimizer step, check the weights are finite and undo a step that made them non-finite (one
+    # fused norm, ~1 ms per step on the demo preset; memory: one more fp32 copy of this rank's weights).
+    weight_guard: bool = True
+    # Finetuning (docs/finetune.md): a NEW run starts from these weights (a run folder, an export folder or a
+    # consolidated latest.pt; read only through safetensors / weights_only), matched to this run's label
+    # vocabularies and genes by name; optimizer state and sample count start fresh. A resumed run ignores it.
+    init_from: str = ""
+    init_ema: float = 0.0  # 0 = the source's raw weights, else one of its EMA widths (e.g. 0.05)
+    trainable: str = "all"  # all | adaln (MiT: adaLN modulation + label tables) | conditioning (expression)
+
+
+@dataclass
+class EvalConfig:
+    solver: str = "dopri5"  # dopri5 | heun | euler
+    rtol: float = 1e-5
+    atol: float = 1e-5
+    steps: int = 50  # for fixed-step solvers
+    guidance: list[float] = field(default_factory=lambda: [1.0])  # w = 1: no guidance
+    guidance_groups: list[str] = field(default_factory=lambda: ["perturbation"])
+    split: str = "val"
+    batch_size: int = 64
+    max_images: int = 0  # 0 = every real image of the split
+    features: list[str] = field(default_factory=lambda: ["morphology"])  # morphology | inception | dinov2
+    inception_weights: str = ""  # local path to the converted Inception-v3 weights
+    dinov2_weights: str = ""  # local path to DINOv2 ViT-L/14 weights
+    ema_std: float = 0.01  # which EMA width to sample from (0 = raw weights); 0.01 as in the public MiT code
+    per_perturbation: bool = False  # also FD/KD per perturbation (phenoflow.eval; those with >= 2 images per set)
+    include_controls: bool = False  # also generate/score control images (MiT RxRx1 protocol: controls are not scored)
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    out_dir: str = "runs"  # the run folder is out_dir/name
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    expr: ExpressionConfig = field(default_factory=ExpressionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.out_dir) / self.run.name
