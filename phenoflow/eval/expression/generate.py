@@ -7,7 +7,9 @@ cells as the real group holds are generated from N(0, I) noise by solving the fl
 eval.steps, eval.rtol/atol) with classifier-free guidance w over eval.guidance_groups (phenoflow.flow.guidance);
 the i-th generated cell of a group carries the labels (and dose) of the group's i-th real cell. The noise of a
 group comes from one generator seeded by a hash of (seed, label, covariates), so a group's cells do not depend on
-the batch size or on which other groups are generated.
+the batch size or on which other groups are generated. A model trained control -> perturbed
+(flow.coupling=control) starts instead from real control cells of the same covariates and dataset (the
+split's own, else the training split's) plus flow.control_noise times that noise, as it was trained.
 
 Files (same genes in the same order: the manifest's `genes`; obs columns: the perturbation column with the
 original label string such as "A+B", each covariate, the dataset and the dose column; `.X` float32 log1p, dense):
@@ -179,11 +181,45 @@ def perturbed_groups(cells: SplitCells) -> dict[tuple[str, ...], np.ndarray]:
     return {k: np.asarray(v) for k, v in sorted(out.items())}
 
 
+def condition_key(cells: SplitCells, i: int) -> tuple[str, ...]:
+    """A cell's control group: its covariates and source dataset (the pool key of flow.coupling=control)."""
+    return tuple(str(cells.obs[c].iat[i]) for c in (*cells.covariates, cells.dataset_col))
+
+
+def control_sources(cells: SplitCells, fallback: SplitCells | None = None) -> dict[tuple[str, ...], np.ndarray]:
+    """Control cells per condition group for control -> perturbed sampling: the evaluation split's own controls
+    (PerturBench's matched controls), and for a group the split lacks, the fallback split's (the training
+    split's, the pool the model learned from). A perturbed group with neither is an error naming it."""
+    out: dict[tuple[str, ...], list[int]] = {}
+    for i in np.flatnonzero(cells.is_control).tolist():
+        out.setdefault(condition_key(cells, i), []).append(i)
+    pools = {k: cells.x[np.asarray(v)] for k, v in out.items()}
+    need = {condition_key(cells, i) for i in np.flatnonzero(~cells.is_control).tolist()} - set(pools)
+    if need and fallback is not None:
+        extra = control_sources(fallback) if fallback.is_control.any() else {}
+        for k in sorted(need & set(extra)):
+            log.info("control source for %s: no control cells in the evaluation split, using the training split's "
+                     "(%d cells)", "/".join(k), len(extra[k]))
+            pools[k] = extra[k]
+        need -= set(extra)
+    if need:
+        raise ConfigError("flow.coupling=control: no control cells to start from for condition group(s) "
+                          f"{sorted('/'.join(k) for k in need)} (covariates {cells.covariates} + dataset) in the "
+                          "evaluation or training split")
+    return pools
+
+
 @torch.no_grad()
 def generate_split(model: torch.nn.Module, cells: SplitCells, eval_cfg: Any, w: float, seed: int = 0,
-                   device: str | torch.device = "cpu", upper: float = PRIMEFLOW_CLAMP) -> tuple[np.ndarray, np.ndarray, float]:
+                   device: str | torch.device = "cpu", upper: float = PRIMEFLOW_CLAMP,
+                   sources: dict[tuple[str, ...], np.ndarray] | None = None,
+                   control_noise: float = 0.0) -> tuple[np.ndarray, np.ndarray, float]:
     """Generated cells for every perturbed group of `cells` -> (x (n, G) float32 clamped to [0, upper], the real
-    row each generated cell copies its labels from, mean NFE per solver call)."""
+    row each generated cell copies its labels from, mean NFE per solver call).
+
+    The ODE starts from x0 ~ N(0, I) (noise -> expression, the default flow) or, with `sources` (a model trained
+    with flow.coupling=control), from x0 = c + control_noise * z, c drawn uniformly with replacement from the
+    control cells of the group's covariates and dataset, as in training (phenoflow/train/control_pool.py)."""
     from phenoflow.flow.guidance import make_velocity_fn
     from phenoflow.flow.solvers import integrate
 
@@ -197,6 +233,10 @@ def generate_split(model: torch.nn.Module, cells: SplitCells, eval_cfg: Any, w: 
     for key, rows in perturbed_groups(cells).items():
         g = torch.Generator().manual_seed(group_seed(seed, "|".join(key)))
         noise = torch.randn(len(rows), genes, generator=g)
+        if sources is not None:
+            pool = torch.from_numpy(sources[condition_key(cells, int(rows[0]))])
+            pick = torch.randint(len(pool), (len(rows),), generator=g)
+            noise = pool[pick] + control_noise * noise
         for a in range(0, len(rows), bs):
             r = torch.from_numpy(rows[a:a + bs])
             labels = {k: v[r].to(device) for k, v in cells.labels.items()}
@@ -265,11 +305,17 @@ def sample_expression(cfg: Config, run_dir: str | Path | None = None, out_dir: s
     out: dict[str, Any] = {"real": real_path, "pred": {}, "nfe": {}, "seconds": {}, "clamp": [0.0, upper],
                            "split": cfg.eval.split, "cells": cells, "data_dir": data}
     dev = _device(cfg)
+    sources = None
+    if cfg.flow.coupling == "control":
+        train = read_split(data, "train", checksums=cfg.data.checksums) if cfg.eval.split != "train" else None
+        sources = control_sources(cells, train)
+        out["source"] = f"control cells of the same covariates and dataset + N(0, {cfg.flow.control_noise:g}^2) noise"
     for w in cfg.eval.guidance:
         t0 = time.perf_counter()
-        x_gen, src, nfe = generate_split(model, cells, cfg.eval, w, seed=seed, device=dev, upper=upper)
+        x_gen, src, nfe = generate_split(model, cells, cfg.eval, w, seed=seed, device=dev, upper=upper,
+                                         sources=sources, control_noise=cfg.flow.control_noise)
         secs = time.perf_counter() - t0
-        uns = {"w": float(w), "nfe": nfe, "solver": cfg.eval.solver, "steps": cfg.eval.steps, "seed": seed,
+        uns = {"w": float(w), "nfe": nfe, "coupling": cfg.flow.coupling, "solver": cfg.eval.solver, "steps": cfg.eval.steps, "seed": seed,
                "clamp_max": upper, "split": cfg.eval.split, "ema_std": cfg.eval.ema_std}
         path = out_dir / f"pred_w{w:g}.h5ad"
         prediction_anndata(cells, x_gen, src, uns).write_h5ad(path)
