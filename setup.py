@@ -18,6 +18,7 @@ CORE = [
     "pillow",
     "scipy",
     "matplotlib",
+    "tensorboard",  # event files next to log.jsonl (torch.utils.tensorboard); training continues without it
 ]
 
 EXTRAS = {

@@ -125,8 +125,23 @@ class TrainConfig:
     deepspeed_config: str = ""  # deepspeed: a JSON file whose keys override the generated DeepSpeed config
     compile: bool = False
     activation_checkpointing: bool = False
-    log_every_samples: int = 256 * 100
-    ckpt_every_samples: int = 256 * 5000
+    # Intervals in samples or in optimizer steps (set one of the pair); both 0 = scaled to the run
+    # (phenoflow/train/run_log.py): a log line every ~1% of the run (and at least once a minute in its first
+    # minutes), a checkpoint at ~10 points, a snapshot at ~20 points.
+    log_every_samples: int = 0
+    log_every_steps: int = 0
+    ckpt_every_samples: int = 0
+    ckpt_every_steps: int = 0
+    # Snapshots (checkpoints/snapshots/): both EMA profiles at numbered points of the run, for post-hoc EMA
+    # reconstruction (phenoflow/train/posthoc_ema.py) and checkpoint sweeps. keep: the newest N (0 = all).
+    snapshots: bool = True
+    snapshot_every_samples: int = 0
+    snapshot_every_steps: int = 0
+    snapshot_keep: int = 0
+    # MFU: the device's dense bf16 peak in TFLOP/s (0 = from phenoflow/train/devices.py; unknown: MFU omitted).
+    peak_tflops: float = 0.0
+    tensorboard: bool = True  # event files in run_dir/tensorboard (needs the tensorboard package)
+    progress_every_s: float = 60.0  # a plain-text progress line with ETA when stderr is not a terminal (SLURM)
     max_nonfinite_steps: int = 10
     # After each optimizer step, check the weights are finite and undo a step that made them non-finite (one
     # fused norm, ~1 ms per step on the demo preset; memory: one more fp32 copy of this rank's weights).
@@ -159,6 +174,24 @@ class EvalConfig:
 
 
 @dataclass
+class MolConfig:
+    """Molecule conditioning of compound perturbations (docs/molecules.md; phenoflow/data/molecules.py,
+    phenoflow/model/molecule_adaptor.py)."""
+    conditioning: str = "onehot"  # onehot (label tables) | adaptor (labels with a molecule go through the adaptor)
+    representation: str = "fingerprint"  # fingerprint (RDKit Morgan) | embedding (a precomputed table)
+    fp_radius: int = 2
+    fp_size: int = 2048
+    fp_counts: bool = False  # counts instead of bits
+    embeddings: str = ""  # representation=embedding: a CSV, NPY (+ .names.txt), NPZ or Parquet file
+    embedding_key: str = "name"  # name (compound name) | smiles (canonical SMILES after standardisation)
+    smiles_csv: str = ""  # compound,smiles CSV (default: the samples' smiles metadata in the shards)
+    adaptor_depth: int = 6  # MiT blocks in the adaptor (paper: 6)
+    adaptor_heads: int = 0  # 0 = the model's head count
+    dose_log: bool = False  # min-max scale log1p(dose) instead of the dose
+    unseen: list[str] = field(default_factory=list)  # held-out compounds (documentation and the unseen report)
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     out_dir: str = "runs"  # the run folder is out_dir/name
@@ -172,6 +205,7 @@ class Config:
     expr: ExpressionConfig = field(default_factory=ExpressionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    mol: MolConfig = field(default_factory=MolConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     @property

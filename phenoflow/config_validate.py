@@ -50,7 +50,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.precision": ("auto", "bf16", "fp32"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.engine": ("single", "ddp", "deepspeed", "fsdp2"),
-    "train.trainable": ("all", "adaln", "conditioning"),
+    "train.trainable": ("all", "adaln", "conditioning", "adaptor"),
+    "mol.conditioning": ("onehot", "adaptor"),
+    "mol.representation": ("fingerprint", "embedding"),
+    "mol.embedding_key": ("name", "smiles"),
     "eval.solver": ("dopri5", "heun", "euler"),
     "eval.split": ("train", "val", "test", "iid", "ood", "seen", "unseen"),
 }
@@ -59,8 +62,7 @@ POSITIVE = [
     "model.patch_size", "model.mlp_ratio",
     "data.image_size", "data.num_perturbations", "data.num_experiments", "data.num_cell_types",
     "data.train_images", "data.samples_per_shard", "data.shuffle_buffer",
-    "train.batch_size", "train.total_samples", "train.lr", "train.log_every_samples",
-    "train.ckpt_every_samples", "train.max_nonfinite_steps",
+    "train.batch_size", "train.total_samples", "train.lr", "train.max_nonfinite_steps",
     "eval.rtol", "eval.atol", "eval.steps", "eval.batch_size",
 ]
 NON_NEGATIVE = [
@@ -68,6 +70,9 @@ NON_NEGATIVE = [
     "model.num_experiments", "model.num_cell_types", "data.val_images", "data.num_workers",
     "train.micro_batch_size", "train.weight_decay", "train.grad_clip", "train.seed", "eval.max_images",
     "eval.ema_std", "flow.bridge_sigma", "flow.control_noise", "train.init_ema",
+    "train.log_every_samples", "train.log_every_steps", "train.ckpt_every_samples", "train.ckpt_every_steps",
+    "train.snapshot_every_samples", "train.snapshot_every_steps", "train.snapshot_keep", "train.peak_tflops",
+    "train.progress_every_s",
 ]
 UNIT_INTERVAL = ["model.label_dropout", "model.proj_dropout", "train.beta1", "train.beta2"]
 
@@ -190,7 +195,15 @@ def check_finetune(cfg: Any) -> None:
     t = cfg.train
     if t.init_ema and not t.init_from:
         raise ConfigError(f"train.init_ema={t.init_ema} needs train.init_from")
-    wants = {"adaln": "microscopy", "conditioning": "expression"}
+    wants = {"adaln": "microscopy", "conditioning": "expression", "adaptor": "microscopy"}
+    if t.trainable == "adaptor" and cfg.mol.conditioning != "adaptor":
+        raise ConfigError("train.trainable=adaptor needs mol.conditioning=adaptor (docs/molecules.md)")
+    if cfg.mol.conditioning == "adaptor" and (cfg.data.modality != "microscopy" or cfg.model.arch != "mit"):
+        raise ConfigError("mol.conditioning=adaptor is for the MiT (data.modality=microscopy, model.arch=mit)")
+    if cfg.mol.representation == "embedding" and cfg.mol.conditioning == "adaptor" and not cfg.mol.embeddings:
+        raise ConfigError("mol.representation=embedding needs mol.embeddings (a CSV, NPY or Parquet file)")
+    if cfg.mol.fp_radius < 0 or cfg.mol.fp_size < 1 or cfg.mol.adaptor_depth < 0 or cfg.mol.adaptor_heads < 0:
+        raise ConfigError("mol.fp_radius, mol.adaptor_depth, mol.adaptor_heads must be >= 0 and mol.fp_size >= 1")
     if t.trainable in wants and cfg.data.modality != wants[t.trainable]:
         raise ConfigError(f"train.trainable={t.trainable!r} is for data.modality={wants[t.trainable]}, not "
                           f"{cfg.data.modality!r}")
@@ -242,6 +255,10 @@ def validate(cfg: Any) -> Any:
     if cfg.train.cpu_offload and cfg.train.engine != "deepspeed":
         raise ConfigError(f"train.cpu_offload=true needs train.engine=deepspeed, not {cfg.train.engine!r}")
     check_finetune(cfg)
+    for what in ("log", "ckpt", "snapshot"):
+        if getattr(cfg.train, f"{what}_every_samples") and getattr(cfg.train, f"{what}_every_steps"):
+            raise ConfigError(f"train.{what}_every_samples and train.{what}_every_steps are both set: give one "
+                              f"(or neither: scaled to the run)")
     mb = cfg.train.micro_batch_size
     if mb and cfg.train.batch_size % mb:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not a multiple of train.micro_batch_size={mb}")

@@ -14,13 +14,11 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from phenoflow.config import Config, dump_yaml, to_dict
 from phenoflow.data.loader import ShardLoader
@@ -29,7 +27,6 @@ from phenoflow.errors import NonFiniteError  # exit code 3; re-exported
 from phenoflow.flow.couplings import minibatch_ot
 from phenoflow.flow.paths import build_path, sample_time
 from phenoflow.modalities import get_modality
-from phenoflow.model.flops import H100_BF16_PEAK_FLOPS
 from phenoflow.train.checkpoint import (
     CheckpointError,
     ema_filename,
@@ -38,6 +35,7 @@ from phenoflow.train.checkpoint import (
     save_safetensors,
     write_json,
 )
+from phenoflow.train.devices import device_peak
 from phenoflow.train.ema import PowerFunctionEMA
 from phenoflow.train.engines import build_engine
 from phenoflow.train.finetune import (
@@ -45,8 +43,13 @@ from phenoflow.train.finetune import (
     parameter_counts,
     setup_trainable,
 )
+from phenoflow.train.preemption import Preempted, StopRequest
 from phenoflow.train.preflight import preflight
 from phenoflow.train.run_folder import RunLock, take_run_folder
+from phenoflow.train.run_log import Cadence, RunLog
+from phenoflow.train.snapshots import write_snapshot
+
+__all__ = ["NonFiniteError", "Preempted", "RunLog", "Trainer", "train"]
 
 
 def step_seed(seed: int, rank: int, samples_seen: int) -> int:
@@ -73,41 +76,6 @@ def carry_loader_state(states: list[dict], loader: ShardLoader, rank: int) -> di
     batch = consumed // (loader.world_size * loader.batch_size)
     return {**cur, "epoch": epoch, "batch": batch, "samples_in_epoch": batch * loader.batch_size,
             "skipped": sum(int(s.get("skipped", 0)) for s in states)}
-
-
-def _crossed(before: int, after: int, every: int) -> bool:
-    """Whether a step from `before` to `after` samples crossed a multiple of `every`."""
-    return before // every != after // every
-
-
-class RunLog:
-    """Rank-0 logging: a status line per interval, JSON lines in run_dir/log.jsonl, a progress bar."""
-
-    def __init__(self, run_dir: Path, total: int, start: int, enabled: bool, noun: str = "img"):
-        self.enabled, self.noun = enabled, noun
-        self.path = run_dir / "log.jsonl"
-        self.bar = tqdm(total=total, initial=start, unit=noun, dynamic_ncols=True, disable=not enabled or not sys.stderr.isatty(),
-                        mininterval=2.0)
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if record.get("event") == "train":
-            self.bar.write(
-                f"[{record['samples']:>10d}] loss {record['loss']:.4f}  {record['images_per_s']:.1f} {self.noun}/s"
-                f"  mfu {100 * record['mfu']:.2f}%  grad {record['grad_norm']:.3f}  mem {record['peak_mem_gb']:.2f} GB"
-                f"  (data {record['time_data']:.2f}s fwd {record['time_forward']:.2f}s"
-                f" bwd {record['time_backward']:.2f}s step {record['time_step']:.2f}s)")
-        else:
-            self.bar.write(json.dumps(record))
-
-    def advance(self, n: int) -> None:
-        self.bar.update(n)
-
-    def close(self) -> None:
-        self.bar.close()
 
 
 class Trainer:
@@ -167,6 +135,9 @@ class Trainer:
         self.nonfinite_total = 0
         self.ckpt_path = self.run_dir / "checkpoints" / "latest.pt"
         self.flops_per_sample = self.modality.train_flops(self.model)  # training FLOP per sample; 0 = unknown
+        self.device_name, self.peak_flops = device_peak(self.device, t.peak_tflops)  # None: MFU omitted
+        self.stop = StopRequest(self.run_dir, watch_file=self.engine.is_main)  # SIGTERM / SIGUSR1 / run_dir/STOP
+        self._flags = (False, False)  # (stop wish, extra log line wish) of this rank, combined in train_step
 
     # ---- state -----------------------------------------------------------------------------------------
     # Checkpoint layout in run_dir/checkpoints/:
@@ -342,7 +313,11 @@ class Trainer:
             timings["forward"] += t2 - t1
             timings["backward"] += t3 - t2
         t0 = time.perf_counter()
-        loss_value = eng.all_reduce_mean(total_loss).item()
+        # The ranks' wishes to stop (a signal) and to log now (time rule) ride on the loss all-reduce: every rank
+        # gets the same decision after the same step, without a collective of their own.
+        wishes = torch.tensor([float(f) for f in self._flags], device=total_loss.device, dtype=total_loss.dtype)
+        reduced = eng.all_reduce_mean(torch.cat([total_loss.reshape(1), wishes])).tolist()
+        loss_value, stop, log_now = reduced[0], reduced[1] > 0, reduced[2] > 0
         grad_norm, stepped = eng.step(t_cfg.grad_clip)
         rolled_back = bool(getattr(eng, "rolled_back", False))  # the step made weights non-finite: undone
         stepped = stepped and np.isfinite(loss_value)
@@ -354,7 +329,8 @@ class Trainer:
             self.nonfinite_in_row += 1
             self.nonfinite_total += 1
         timings["step"] = time.perf_counter() - t0
-        return {"loss": loss_value, "grad_norm": grad_norm, "stepped": stepped, "rolled_back": rolled_back, **timings}
+        return {"loss": loss_value, "grad_norm": grad_norm, "stepped": stepped, "rolled_back": rolled_back,
+                "stop": stop, "log_now": log_now, **timings}
 
     # ---- the loop --------------------------------------------------------------------------------------
     def fit(self) -> Path:
@@ -371,45 +347,65 @@ class Trainer:
         resumed = self.try_resume()
         if not resumed and t_cfg.init_from:  # a new run only: a resumed run's own checkpoint wins
             init_from_checkpoint(self)  # weights only (optimizer fresh, 0 samples); finetune.json
-        log = RunLog(self.run_dir, t_cfg.total_samples, self.samples_seen, eng.is_main, self.modality.sample_noun)
+        cadence = Cadence(t_cfg)
+        log = RunLog(self.run_dir, t_cfg.total_samples, self.samples_seen, eng.is_main, self.modality.sample_noun,
+                     batch_size=t_cfg.batch_size, tensorboard=t_cfg.tensorboard,
+                     progress_every_s=t_cfg.progress_every_s)
         if self.removed_temporaries:
-            log.bar.write(f"removed {len(self.removed_temporaries)} temporary file(s) of interrupted writes "
-                          f"from {self.run_dir}")
+            log.say(f"removed {len(self.removed_temporaries)} temporary file(s) of interrupted writes "
+                    f"from {self.run_dir}")
         log.write({"event": "start", "resumed": resumed, "samples_seen": self.samples_seen,
+                   "total_samples": t_cfg.total_samples, "batch_size": t_cfg.batch_size,
                    "removed_temporaries": len(self.removed_temporaries),
-                   "device": str(self.device), "engine": eng.name, "world_size": eng.world_size,
+                   "device": str(self.device), "device_name": self.device_name,
+                   "peak_tflops": self.peak_flops / 1e12 if self.peak_flops else None,
+                   "engine": eng.name, "world_size": eng.world_size,
                    "params": self.engine.num_params(), **({"init_from": t_cfg.init_from} if t_cfg.init_from else {}),
                    **({"frozen_params": parameter_counts(self.model)["frozen"]} if t_cfg.trainable != "all" else {}),
-                   "modality": self.modality.name, "train_flops_per_sample": self.flops_per_sample})
+                   "modality": self.modality.name, "train_flops_per_sample": self.flops_per_sample,
+                   "log_every_samples": cadence.log_every, "ckpt_every_samples": cadence.ckpt_every,
+                   "snapshot_every_samples": cadence.snapshot_every if cadence.snapshots else None})
         it = iter(self.loader)
         window = {"n": 0, "loss": 0.0, "grad_norm": 0.0, "data": 0.0, "forward": 0.0, "backward": 0.0,
                   "step": 0.0, "t0": time.perf_counter(), "samples": 0}
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        while self.samples_seen < t_cfg.total_samples:
-            before = self.samples_seen
-            out = self.train_step(it)
-            log.advance(t_cfg.batch_size)
-            if not out["stepped"]:
-                log.write({"event": "nonfinite", "samples": self.samples_seen, "loss": out["loss"],
-                           "grad_norm": out["grad_norm"], "in_row": self.nonfinite_in_row,
-                           "weights": out["rolled_back"]})
-                if out["rolled_back"] or self.nonfinite_in_row >= t_cfg.max_nonfinite_steps:
-                    diag = self.run_dir / "checkpoints" / "nonfinite-diagnostic.pt"
-                    self.save(diag)
-                    raise NonFiniteError(self._nonfinite_message(out, before, diag))
-            else:
-                window["n"] += 1
-                window["loss"] += out["loss"]
-                window["grad_norm"] += out["grad_norm"]
-            for k in ("data", "forward", "backward", "step"):
-                window[k] += out[k]
-            window["samples"] += t_cfg.batch_size
-            done = self.samples_seen >= t_cfg.total_samples
-            if _crossed(before, self.samples_seen, t_cfg.log_every_samples) or done:
-                self._log_window(log, window)
-            if _crossed(before, self.samples_seen, t_cfg.ckpt_every_samples) and not done:
-                self.save()
+        self.stop.install()
+        try:
+            while self.samples_seen < t_cfg.total_samples:
+                before = self.samples_seen
+                self._flags = (self.stop.local(), cadence.time_due())
+                out = self.train_step(it)
+                log.advance(t_cfg.batch_size)
+                if not out["stepped"]:
+                    log.write({"event": "nonfinite", "samples": self.samples_seen, "loss": out["loss"],
+                               "grad_norm": out["grad_norm"], "in_row": self.nonfinite_in_row,
+                               "weights": out["rolled_back"]})
+                    if out["rolled_back"] or self.nonfinite_in_row >= t_cfg.max_nonfinite_steps:
+                        diag = self.run_dir / "checkpoints" / "nonfinite-diagnostic.pt"
+                        self.save(diag)
+                        raise NonFiniteError(self._nonfinite_message(out, before, diag))
+                else:
+                    window["n"] += 1
+                    window["loss"] += out["loss"]
+                    window["grad_norm"] += out["grad_norm"]
+                for k in ("data", "forward", "backward", "step"):
+                    window[k] += out[k]
+                window["samples"] += t_cfg.batch_size
+                done = self.samples_seen >= t_cfg.total_samples
+                if cadence.log_due(before, self.samples_seen, out["log_now"]) or done or out["stop"]:
+                    self._log_window(log, window)
+                    cadence.logged()
+                if cadence.snapshot_due(before, self.samples_seen, done):
+                    path = write_snapshot(self, t_cfg.snapshot_keep)
+                    if path is not None:
+                        log.write({"event": "snapshot", "samples": self.samples_seen, "path": str(path)})
+                if out["stop"] and not done:
+                    self._preempt(log)
+                if cadence.ckpt_due(before, self.samples_seen) and not done:
+                    self.save()
+        finally:
+            self.stop.restore()
         if self.saved_samples != self.samples_seen:  # nothing new since the last complete checkpoint: no write
             self.save()
         out_dir = self.export()
@@ -417,6 +413,22 @@ class Trainer:
                    "nonfinite_total": self.nonfinite_total})
         log.close()
         return out_dir
+
+    def _preempt(self, log: RunLog) -> None:
+        """A stop was asked (SIGTERM / SIGUSR1 / the stop file) on some rank: every rank is here after the same
+        step. Checkpoint (every rank its part), say so, and raise Preempted (exit code 75: requeue)."""
+        if self.saved_samples != self.samples_seen:
+            self.save()
+        why = self.stop.signal_name or "another rank"
+        log.write({"event": "preempted", "samples": self.samples_seen, "reason": why,
+                   "checkpoint": str(self.ckpt_path), "exit_code": Preempted.exit_code})
+        if self.engine.is_main:
+            self.stop.clear_file()
+        log.close()
+        raise Preempted(f"stopped by {why} at {self.samples_seen} samples (step "
+                        f"{self.samples_seen // self.cfg.train.batch_size}) after writing the checkpoint "
+                        f"{self.ckpt_path}; rerun the same command to resume (exit code {Preempted.exit_code}: "
+                        f"requeue)")
 
     def _nonfinite_message(self, out: dict, before: int, diag: Path) -> str:
         if out["rolled_back"]:
@@ -429,21 +441,27 @@ class Trainer:
                 f"(loss {out['loss']}, grad norm {out['grad_norm']}); diagnostic checkpoint in {diag}")
 
     def _log_window(self, log: RunLog, w: dict) -> None:
-        if self.device.type == "cuda":
+        cuda = self.device.type == "cuda"
+        if cuda:
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - w["t0"]
         ips = w["samples"] / max(elapsed, 1e-9)
-        peak = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else 0.0
+        peak = torch.cuda.max_memory_allocated(self.device) / 2**30 if cuda else 0.0
+        peak_max = self.engine.all_reduce_max(peak)  # collective: every rank takes part
         n = max(w["n"], 1)
-        log.write({"event": "train", "samples": self.samples_seen, "loss": w["loss"] / n,
-                   "grad_norm": w["grad_norm"] / n, "images_per_s": ips,
-                   "images_per_s_per_rank": ips / self.engine.world_size,
-                   "mfu": ips / self.engine.world_size * self.flops_per_sample / H100_BF16_PEAK_FLOPS,
-                   "peak_mem_gb": peak,
-                   "peak_mem_gb_max_rank": self.engine.all_reduce_max(peak),  # collective: every rank logs
-                   "time_data": w["data"], "time_forward": w["forward"], "time_backward": w["backward"],
-                   "time_step": w["step"], "time_total": elapsed,
-                   "skipped_samples": self.loader.skipped})
+        per_rank = ips / self.engine.world_size
+        record = {"event": "train", "step": self.samples_seen // self.cfg.train.batch_size,
+                  "samples": self.samples_seen, "loss": w["loss"] / n,
+                  "grad_norm": w["grad_norm"] / n, "images_per_s": ips, "images_per_s_per_rank": per_rank}
+        if self.peak_flops and self.flops_per_sample:  # a known peak (devices.py or train.peak_tflops)
+            record["mfu"] = per_rank * self.flops_per_sample / self.peak_flops
+        if cuda:
+            record.update(peak_mem_gb=peak, peak_mem_gb_max_rank=peak_max)
+        eta = log.eta_s()
+        record.update({"time_data": w["data"], "time_forward": w["forward"], "time_backward": w["backward"],
+                       "time_step": w["step"], "time_total": elapsed, "eta_s": round(eta, 1) if eta is not None else None,
+                       "skipped_samples": self.loader.skipped})
+        log.write(record)
         w.update({"n": 0, "loss": 0.0, "grad_norm": 0.0, "data": 0.0, "forward": 0.0, "backward": 0.0,
                   "step": 0.0, "t0": time.perf_counter(), "samples": 0})
 
