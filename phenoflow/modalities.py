@@ -56,7 +56,14 @@ def _image_vocab_sizes(manifest: dict) -> dict[str, int]:
 def _image_model(cfg: Config, vocab_sizes: dict[str, int], manifest: dict) -> torch.nn.Module:
     from phenoflow.model.mit import build_model
 
-    return build_model(cfg, vocab_sizes)
+    model = build_model(cfg, vocab_sizes)
+    if cfg.mol.conditioning == "adaptor":  # molecule vectors of the labels -> the adaptor (docs/molecules.md)
+        from phenoflow.data.molecules import build_molecule_table, data_dir_of
+        from phenoflow.model.molecule_adaptor import attach_adaptor
+
+        table = build_molecule_table(cfg.mol, manifest, data_dir_of(cfg), cfg.run_dir)
+        attach_adaptor(model, cfg, table.vectors, table.has_molecule, table.dose_range)
+    return model
 
 
 def _image_batch(cfg: Config, batch: dict, gen: torch.Generator, dev: torch.device):
@@ -66,7 +73,10 @@ def _image_batch(cfg: Config, batch: dict, gen: torch.Generator, dev: torch.devi
 
     image = batch["image"].to(dev, non_blocking=True)
     x1 = augment(encode(image), gen, hflip=cfg.data.hflip, vflip=cfg.data.vflip, dequantize=cfg.data.dequantize)
-    return x1, {g: batch[g].to(dev) for g in LABEL_GROUPS if g in batch}
+    labels = {g: batch[g].to(dev) for g in LABEL_GROUPS if g in batch}
+    if cfg.mol.conditioning == "adaptor" and "dose" in batch:  # the adaptor's dose modulation
+        labels["dose"] = torch.as_tensor(batch["dose"]).to(dev, torch.float32)
+    return x1, labels
 
 
 def _image_flops(model: torch.nn.Module) -> float:

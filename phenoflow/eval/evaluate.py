@@ -119,6 +119,9 @@ def load_export(run_dir: str | Path, ema_std: float | None = None) -> tuple[torc
         raise FileNotFoundError(f"weights {wfile} do not exist (eval.ema_std={std}); export has {have}")
     model = build_model(cfg, vocab_sizes)
     state = load_safetensors(wfile)
+    from phenoflow.model.molecule_adaptor import attach_from_state
+
+    attach_from_state(model, cfg, state)  # a molecule adaptor run: table, mask and dose range are in the file
     # Non-persistent buffers (e.g. the fixed sin-cos position embedding) may be in an export; they are rebuilt.
     buffers = {k for k, _ in model.named_buffers()} - set(model.state_dict())
     state = {k: v for k, v in state.items() if k not in buffers}

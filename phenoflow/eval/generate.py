@@ -111,6 +111,8 @@ def generate(model: torch.nn.Module, loader_batches: Iterable[Mapping[str, Any]]
             break
         keys = keys[:n]
         labels = {k: batch[k][:n].to(device) for k in LABEL_KEYS}
+        if getattr(model, "mol_adaptor", None) is not None:  # the molecule adaptor is dose-modulated
+            labels["dose"] = batch["dose"][:n].to(device, torch.float32)
         shape = tuple(batch["image"].shape[1:])
         if mode == "generate":
             x0 = sample_noise(keys, shape, seed).to(device)

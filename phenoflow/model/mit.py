@@ -173,6 +173,9 @@ class MiT(nn.Module):
         self.blocks = nn.ModuleList(
             [MiTBlock(s, merges_skip=s.long_skip and i >= half) for i in range(s.depth)])
         self.final_layer = FinalLayer(D, p, s.in_channels, s.kernels)
+        # Optional molecule adaptor (phenoflow/model/molecule_adaptor.py): replaces the perturbation embedding of
+        # labels with a molecule vector; attached after construction by attach_adaptor / attach_from_state.
+        self.mol_adaptor: nn.Module | None = None
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -217,7 +220,10 @@ class MiT(nn.Module):
                 # Each label independently dropped to null with p = label_dropout (gives CFG).
                 drop = torch.rand(batch, device=device) < self.shape.label_dropout
                 y = torch.where(drop, torch.full_like(y, self.null_index(g)), y)
-            c = c + emb(y)
+            e = emb(y)
+            if g == "perturbation" and self.mol_adaptor is not None:  # e_y = adaptor(m_y, dose) (its eq. 5, 6)
+                e = self.mol_adaptor(y, labels.get("dose"), e, emb.weight[-1])
+            c = c + e
         return c
 
     # ---- forward --------------------------------------------------------------------------------------

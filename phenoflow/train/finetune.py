@@ -36,7 +36,8 @@ mean of the learned rows is an input the source never saw. Rows of new labels st
 soon as their data differ (each row gets only its own label's gradient).
 
 Frozen base (`train.trainable`, `setup_trainable`): "adaln" trains only the MiT's adaLN modulation layers and
-label tables (the MiT paper's finetuning of its molecule model), "conditioning" only an expression model's
+label tables, "adaptor" only the adaLN modulation layers and the molecule adaptor (`mol_adaptor.*`; the MiT
+paper's finetuning of its molecule model, docs/molecules.md), "conditioning" only an expression model's
 conditioning module (`cond.*`: time, label and dose embeddings); every other parameter gets
 requires_grad=False before the optimizer is built. Frozen parameters carry zero Adam moments in the optimizer
 state so that checkpoints keep the moments of the trained ones (exact resume).
@@ -66,7 +67,8 @@ CONSOLIDATED_FORMAT = "phenoflow-consolidated-v1"  # = Trainer.CONSOLIDATED_FORM
 TABLE_PATTERNS = (re.compile(r"(?:^|\.)label_embedders\.([^.]+)\.weight$"),
                   re.compile(r"(?:^|\.)labels\.([^.]+)\.table\.weight$"))
 GENE_AXES = {"gene_embed": (1, "mean"), "inp.weight": (1, "zero"), "out.weight": (0, "mean"), "out.bias": (0, "mean")}
-TRAINABLE = {"adaln": ("adaLN_modulation.", "label_embedders."), "conditioning": ("cond.",)}
+TRAINABLE = {"adaln": ("adaLN_modulation.", "label_embedders."), "conditioning": ("cond.",),
+             "adaptor": ("adaLN_modulation.", "mol_adaptor.")}  # MiT paper section 5: base frozen but adaLN
 NEW_LABEL_RULE = "the source table's null row"
 
 
