@@ -44,3 +44,22 @@ class ConvertError(DataError):
     def __init__(self, message: str, problems: list[dict[str, Any]] | None = None):
         super().__init__(message)
         self.problems = list(problems or [])
+
+
+def bad_sample(err: BaseException, policy: str, skipped: list[str], shard: str, key: str) -> None:
+    """The loaders' one bad-sample policy, called from an `except (OSError, ShardError)` around one sample.
+
+    An I/O error becomes a ShardError naming the shard and key. policy "error" raises it; "skip" records the
+    message in `skipped` (the loader counts and logs it) and returns, so the caller goes on with the next
+    sample. A MissingShardError (a whole shard, index or table unusable, not one bad sample) always raises."""
+    if isinstance(err, OSError):
+        shard_err: ShardError = ShardError(f"shard {shard}, key {key}: reading failed: {err}")
+        if policy == "error":
+            raise shard_err from err
+    elif isinstance(err, ShardError):
+        shard_err = err
+        if policy == "error" or isinstance(err, MissingShardError):
+            raise err
+    else:
+        raise err
+    skipped.append(str(shard_err))

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .anndata_io import ExpressionColumns
-from .errors import MissingShardError, ShardError
+from .errors import MissingShardError, ShardError, bad_sample
 from .expression_shards import decode_csr
 from .loader import ShardBatches
 from .tables import _as_float
@@ -128,16 +128,8 @@ class ExpressionBatches(ShardBatches):
                     except ValueError as e:
                         raise ShardError(f"shard {name}, key {keys[j]}: {e}") from None
                     x[n, idx] = val
-                except OSError as e:
-                    err = ShardError(f"shard {name}, key {keys[j]}: reading failed: {e}")
-                    if self.policy == "error":
-                        raise err from e
-                    skipped.append(str(err))
-                    continue
-                except ShardError as e:
-                    if self.policy == "error" or isinstance(e, MissingShardError):
-                        raise
-                    skipped.append(str(e))
+                except (OSError, ShardError) as e:  # raise, or count and skip (data/errors.py: bad_sample)
+                    bad_sample(e, self.policy, skipped, name, keys[j])
                     continue
                 kept[n] = pos
                 n += 1

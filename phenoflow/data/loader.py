@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import ChecksumError, MissingShardError, ShardError
+from .errors import ChecksumError, MissingShardError, ShardError, bad_sample
 from .order import (  # noqa: F401  re-exported: callers import the order functions from here
     _BatchIds,
     batches_per_epoch,
@@ -307,16 +307,8 @@ class ShardBatches(Dataset):
                             rows[n] = img
                         lab, d, c = self._labels(meta, name)
                         labels[n], dose[n], ctrl[n], keys[n] = lab, d, c, str(meta.get("key", self._index(s)[1][j]))
-                except OSError as e:  # an I/O error reading this sample's bytes: the same policy
-                    err = ShardError(f"shard {name}, key {self._index(s)[1][j]}: reading failed: {e}")
-                    if self.policy == "error":
-                        raise err from e
-                    skipped.append(str(err))
-                    continue
-                except ShardError as e:
-                    if self.policy == "error" or isinstance(e, MissingShardError):
-                        raise
-                    skipped.append(str(e))
+                except (OSError, ShardError) as e:  # raise, or count and skip (data/errors.py: bad_sample)
+                    bad_sample(e, self.policy, skipped, name, self._index(s)[1][j])
                     continue
                 kept[n] = pos
                 n += 1
