@@ -1,0 +1,74 @@
+"""Numbered snapshots (phenoflow/train/snapshots.py): at an interval besides latest.pt, with every tracked EMA
+profile, a retention count, the end of the run included, none when switched off; resume leaves them intact."""
+from __future__ import annotations
+
+import torch
+
+from phenoflow.config import resolve
+from phenoflow.train.checkpoint import ema_filename, load_safetensors
+from phenoflow.train.ema import gamma_to_std
+from phenoflow.train.snapshots import (
+    SNAPSHOT_FORMAT,
+    list_snapshots,
+    load_snapshot,
+    snapshot_dir,
+)
+from phenoflow.train.trainer import Trainer
+
+TINY = ["data.image_size=16", "data.channels=3", "data.train_images=128", "data.val_images=16",
+        "data.samples_per_shard=64", "model.size=tiny", "model.depth=2", "model.hidden_size=32",
+        "model.num_heads=2", "model.patch_size=4", "train.batch_size=8", "train.lr=1e-3", "train.precision=fp32",
+        "train.device=cpu", "train.tensorboard=false"]
+
+
+def _cfg(tmp_path, name, total, *extra):
+    return resolve("demo", TINY + [f"train.total_samples={total}", f"run.out_dir={tmp_path}", f"run.name={name}",
+                                   *extra])
+
+
+def _fit(cfg):
+    torch.manual_seed(0)
+    return Trainer(cfg).fit()
+
+
+def test_snapshots_at_the_interval_with_every_profile_and_retention(tmp_path):
+    cfg = _cfg(tmp_path, "keep", 8 * 11, "train.snapshot_every_steps=2", "train.snapshot_keep=3")
+    out = _fit(cfg)
+    snaps = list_snapshots(cfg.run_dir)
+    # every 2 steps (16, 32, ..., 80) and the end (88); the newest 3 kept
+    assert [s for s, _ in snaps] == [64, 80, 88]
+    assert (cfg.run_dir / "checkpoints" / "latest.pt").is_file()
+    last = load_snapshot(snaps[-1][1])
+    assert last["format"] == SNAPSHOT_FORMAT and last["samples_seen"] == 88 and last["batch_size"] == 8
+    assert last["stds"] == [0.01, 0.05] and sorted(last["ema"]) == ["0.0100", "0.0500"]
+    for key, g in last["gammas"].items():
+        assert abs(gamma_to_std(g) - float(key)) < 1e-9
+    for std in (0.01, 0.05):  # the final snapshot holds exactly the exported averages
+        exported = load_safetensors(out / ema_filename(std))
+        snap = last["ema"][f"{std:.4f}"]
+        assert all(torch.equal(exported[n], snap[n]) for n in exported)
+    assert not [p for p in snapshot_dir(cfg.run_dir).iterdir() if p.name.startswith(".")]  # no temporaries
+
+
+def test_default_snapshots_scale_with_the_run_and_can_be_switched_off(tmp_path):
+    cfg = _cfg(tmp_path, "auto", 8 * 40)
+    _fit(cfg)
+    assert [s for s, _ in list_snapshots(cfg.run_dir)] == [16 * i for i in range(1, 21)]  # ~20 points
+    off = _cfg(tmp_path, "off", 8 * 10, "train.snapshots=false")
+    _fit(off)
+    assert list_snapshots(off.run_dir) == [] and not snapshot_dir(off.run_dir).exists()
+
+
+def test_resumed_run_continues_the_snapshot_series(tmp_path):
+    ref = _cfg(tmp_path, "ref", 8 * 12, "train.snapshot_every_steps=3")
+    _fit(ref)
+    cut = _cfg(tmp_path, "cut", 8 * 7, "train.snapshot_every_steps=3")
+    _fit(cut)  # stops at 56 samples: snapshots 24, 48 and the end 56
+    assert [s for s, _ in list_snapshots(cut.run_dir)] == [24, 48, 56]
+    _fit(_cfg(tmp_path, "cut", 8 * 12, "train.snapshot_every_steps=3"))  # resumed to the full length
+    got = list_snapshots(cut.run_dir)
+    want = list_snapshots(ref.run_dir)
+    assert [s for s, _ in got] == [24, 48, 56, 72, 96] and [s for s, _ in want] == [24, 48, 72, 96]
+    for (s, p), (_, q) in zip([g for g in got if g[0] != 56], want):
+        a, b = load_snapshot(p)["ema"], load_snapshot(q)["ema"]
+        assert all(torch.equal(a[k][n], b[k][n]) for k in a for n in a[k]), s
