@@ -1,11 +1,4 @@
-"""`phenoflow evaluate` and `phenoflow sample`: argparse subcommands registered by phenoflow.cli.
-
-    phenoflow evaluate --preset demo --run-dir runs/demo eval.guidance=[1,2,3]
-    phenoflow evaluate --preset bbbc021 --splits seen unseen eval.inception_weights=weights/pt_inception.pth
-    phenoflow sample --preset demo --run-dir runs/demo --out runs/demo/samples eval.solver=heun eval.steps=20
-Both load the run's exported EMA weights (run_dir/export, eval.ema_std) unless told otherwise and use the eval
-section of the config (solver, tolerances, guidance strengths, split, features, weights paths).
-"""
+"""`phenoflow evaluate` and `phenoflow sample`: argparse subcommands registered by phenoflow.cli."""
 from __future__ import annotations
 
 import argparse
@@ -16,14 +9,76 @@ from phenoflow.cli_args import add_config_args, config_from_args, dry_run
 from phenoflow.config import validate
 from phenoflow.train.preflight import preflight_eval
 
+EVALUATE_HELP = """\
+Generate images (or cells) for the evaluation split of a trained run, score them against the real ones
+(FD/KD on morphology, Inception or DINOv2 features; PerturBench/VCC metrics for expression) for each guidance
+strength in eval.guidance, and write a report (metrics.md, metrics.json, grids, samples).
+
+Give the run folder: its saved config (RUN/config.yaml), vocabularies and exported weights are used; dotted
+overrides apply on top, and one that conflicts with the checkpoint (model shape, channels, modality) is refused
+before any work. The data's labels are compared with the model's by name.
+
+examples:
+  phenoflow evaluate --run-dir runs/demo
+  phenoflow evaluate --run-dir runs/rxrx1 eval.guidance=[1,2,3] eval.features=[morphology,inception]
+  phenoflow evaluate --run-dir runs/bbbc021 --splits seen unseen
+  phenoflow evaluate --run-dir runs/rxrx1 --data-dir shards/rxrx1-test --split test
+"""
+
+SAMPLE_HELP = """\
+Generate from a trained run. With --perturbation (and optionally --experiment, --cell-type, -n): N images of
+that condition, labels by name, saved to OUT/<perturbation>_w<w>.npz with a grid PNG. Without: one image per
+real image of the evaluation split, with the same labels (OUT/w<w>.npz, labels stored as ids and names).
+
+Give the run folder: its saved config, vocabularies and exported weights are used; overrides apply on top.
+
+examples:
+  phenoflow sample --run-dir runs/demo --perturbation gene_01 --experiment exp_02 -n 16 eval.guidance=[2]
+  phenoflow sample --run-dir runs/demo --out runs/demo/samples eval.solver=heun eval.steps=20
+"""
+
+RUN_DIR_HELP = ("the run folder (runs/NAME) or an export folder; its saved config is the base unless --preset/"
+                "--config is given (default without it: run.out_dir/run.name of the preset)")
+
 
 def _common(p: argparse.ArgumentParser) -> None:
-    add_config_args(p)
-    p.add_argument("--run-dir", default=None, help="run folder with export/ (default: run.out_dir/run.name)")
+    add_config_args(p, run_dir=RUN_DIR_HELP)
     p.add_argument("--mode", choices=("generate", "counterfactual"), default="generate",
                    help="generate from noise, or counterfactual: from control images of the same experiment")
     p.add_argument("--seed", type=int, default=0, help="noise seed (noise is per sample key)")
-    p.add_argument("--data-dir", default=None, help="shard folder (default: prepared from the config's data section)")
+    p.add_argument("--data-dir", default=None, metavar="SHARDS",
+                   help="shard folder to evaluate on (default: the run's data, from its config's data section)")
+    p.add_argument("--split", default=None, help="the split to generate for (sets eval.split)")
+
+
+def _config(args):
+    cfg = config_from_args(args)
+    if getattr(args, "split", None):
+        cfg.eval.split = args.split
+        validate(cfg)
+    return cfg
+
+
+def _run_dir(cfg, args) -> Path:
+    """The run folder: --run-dir (config_from_args located cfg there) or the preset's run.out_dir/run.name."""
+    return cfg.run_dir
+
+
+def check_run(cfg, args) -> None:
+    """Before any work: the run's labels against the data's, by name, where the data's manifest exists already
+    (shards; a run's own synthetic data). Synthetic data written later comes from the same config."""
+    from phenoflow.run_config import RunFolderError, find_run, label_remap, run_vocabs
+
+    try:
+        ref = find_run(_run_dir(cfg, args))
+    except RunFolderError:
+        return  # evaluate()/sample() name the missing export
+    data = Path(args.data_dir) if args.data_dir else (Path(cfg.data.shards) if cfg.data.source == "shards"
+                                                      else ref.home / "data")
+    if (data / "manifest.json").is_file():
+        from phenoflow.data.shards import load_manifest
+
+        label_remap(run_vocabs(ref), load_manifest(data).get("vocabs", {}), f"the data in {data}")
 
 
 def _launch_distributed(cfg) -> bool:
@@ -54,9 +109,10 @@ def _finish_distributed(started: bool) -> None:
 
 
 def cmd_evaluate(args) -> int:
-    cfg = config_from_args(args)
+    cfg = _config(args)
     if dry_run(cfg, args):
         return 0
+    check_run(cfg, args)
     if cfg.data.modality == "expression":
         return _evaluate_expression(cfg, args)
     preflight_eval(cfg, args.splits, args.data_dir)  # before any data or report is written
@@ -68,25 +124,29 @@ def cmd_evaluate(args) -> int:
         _finish_distributed(started)
 
 
+def _split_configs(cfg, args):
+    """(split or None, config) for each split to evaluate."""
+    if not args.splits:
+        return [(None, cfg)]
+    out = []
+    for split in args.splits:
+        c = _config(args)
+        c.eval.split = split
+        out.append((split, validate(c)))
+    return out
+
+
 def _evaluate_splits(cfg, args) -> int:
     from phenoflow.eval.evaluate import evaluate
 
-    if not args.splits:
-        report = evaluate(cfg, args.run_dir, report_dir=args.report_dir, mode=args.mode, seed=args.seed,
-                          data_dir=args.data_dir)
-        if _is_rank0():
-            print(f"report: {report / 'metrics.md'}")
-        return 0
+    run_dir = _run_dir(cfg, args)
     # Several splits (e.g. seen and unseen perturbations): one report each, in REPORT_DIR/<split>.
-    base = Path(args.report_dir) if args.report_dir else Path(args.run_dir or cfg.run_dir) / "report"
-    for split in args.splits:
-        cfg = config_from_args(args)
-        cfg.eval.split = split
-        validate(cfg)
-        report = evaluate(cfg, args.run_dir, report_dir=base / split, mode=args.mode, seed=args.seed,
-                          data_dir=args.data_dir)
+    base = Path(args.report_dir) if args.report_dir else run_dir / "report"
+    for split, c in _split_configs(cfg, args):
+        report = evaluate(c, run_dir, report_dir=base / split if split else args.report_dir, mode=args.mode,
+                          seed=args.seed, data_dir=args.data_dir)
         if _is_rank0():
-            print(f"report ({split}): {report / 'metrics.md'}")
+            print(f"report{f' ({split})' if split else ''}: {report / 'metrics.md'}")
     return 0
 
 
@@ -95,27 +155,30 @@ def _evaluate_expression(cfg, args) -> int:
     from phenoflow.eval.expression.report import evaluate_expression_run
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    base = Path(args.report_dir) if args.report_dir else Path(args.run_dir or cfg.run_dir) / "report"
-    for split in args.splits or [None]:
-        if split is not None:
-            cfg = config_from_args(args)
-            cfg.eval.split = split
-            validate(cfg)
-        report = evaluate_expression_run(cfg, args.run_dir, base / split if split else base, seed=args.seed,
+    run_dir = _run_dir(cfg, args)
+    base = Path(args.report_dir) if args.report_dir else run_dir / "report"
+    for split, c in _split_configs(cfg, args):
+        report = evaluate_expression_run(c, run_dir, base / split if split else base, seed=args.seed,
                                          data_dir=args.data_dir, mode=args.mode)
         print(f"report{f' ({split})' if split else ''}: {report / 'metrics.md'}")
     return 0
 
 
 def cmd_sample(args) -> int:
-    cfg = config_from_args(args)
+    cfg = _config(args)
     if dry_run(cfg, args):
         return 0
+    if args.perturbation is not None or args.num is not None:
+        for path in sample_labels(cfg, args):
+            print(f"samples: {path}")
+        return 0
+    check_run(cfg, args)
+    run_dir = _run_dir(cfg, args)
     if cfg.data.modality == "expression":
         from phenoflow.eval.expression.generate import sample_expression
 
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-        out = sample_expression(cfg, args.run_dir, out_dir=args.out, seed=args.seed, data_dir=args.data_dir,
+        out = sample_expression(cfg, run_dir, out_dir=args.out, seed=args.seed, data_dir=args.data_dir,
                                 mode=args.mode)
         print(f"samples: {out['real'].parent} (real: {out['real'].name}, predictions: "
               + ", ".join(p.name for p in out["pred"].values()) + ")")
@@ -126,7 +189,7 @@ def cmd_sample(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     started = _launch_distributed(cfg)
     try:
-        out = sample(cfg, args.run_dir, out_dir=args.out, mode=args.mode, seed=args.seed, data_dir=args.data_dir)
+        out = sample(cfg, run_dir, out_dir=args.out, mode=args.mode, seed=args.seed, data_dir=args.data_dir)
     finally:
         _finish_distributed(started)
     if _is_rank0():
@@ -134,17 +197,63 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def sample_labels(cfg, args) -> list[Path]:
+    """`phenoflow sample --perturbation NAME [-n N]`: N samples of one condition per w in eval.guidance, through
+    the Python API (phenoflow.api). Microscopy: OUT/<name>_w<w>.npz (images uint8 (N, C, H, W) as in the other
+    samples files, label ids and `<group>_name` names) and a grid PNG; expression: OUT/<name>_w<w>.h5ad."""
+    import numpy as np
+    import torch
+
+    from phenoflow.api import load
+    from phenoflow.eval.generate import save_samples
+
+    n = 16 if args.num is None else args.num
+    model = load(cfg.run_dir, ema_std=cfg.eval.ema_std, device="cpu" if cfg.train.device == "cpu" else None)
+    model.config = cfg  # the run's config with this command's overrides (solver, steps, guidance groups)
+    names = {"experiment": args.experiment, "cell_type": args.cell_type}
+    names = {k: v for k, v in names.items() if v is not None}
+    out_dir = Path(args.out) if args.out else cfg.run_dir / "samples"
+    stem = (args.perturbation or "null").replace("/", "_").replace("+", "_")
+    paths = []
+    for w in cfg.eval.guidance:
+        x = model.sample(perturbation=args.perturbation, n=n, guidance=w, seed=args.seed,
+                         as_anndata=cfg.data.modality == "expression", **names)
+        path = out_dir / f"{stem}_w{w:g}"
+        if cfg.data.modality == "expression":
+            out_dir.mkdir(parents=True, exist_ok=True)
+            x.uns["phenoflow"] = {"w": float(w), "seed": args.seed, "run": str(cfg.run_dir)}
+            x.write_h5ad(path.with_suffix(".h5ad"))
+            paths.append(path.with_suffix(".h5ad"))
+            continue
+        from phenoflow.eval.grids import save_grid
+
+        images = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+        labels = {g: v[:, 0] if v.ndim > 1 else v for g, v in model.labels(n, args.perturbation, **names).items()}
+        labels["key"] = [f"{stem}_{i}" for i in range(n)]
+        paths.append(save_samples(path.with_suffix(".npz"), images, labels, names=model.vocabs, w=w, seed=args.seed))
+        save_grid({args.perturbation or "null": (images[:0], images[:8])}, path.with_suffix(".png"), k=8,
+                  title=f"w = {w:g}")
+    return paths
+
+
 def register(subparsers) -> None:
     """Add the `evaluate` and `sample` subcommands to phenoflow's argparse subparsers."""
     p = subparsers.add_parser("evaluate", help="generate for each guidance strength, score (FD/KD), write a report",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=EVALUATE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(p)
     p.add_argument("--report-dir", default=None, help="report folder (default: RUN_DIR/report)")
-    p.add_argument("--splits", nargs="+", default=None,
+    p.add_argument("--splits", nargs="+", default=None, metavar="SPLIT",
                    help="evaluate each of these splits (e.g. seen unseen) into REPORT_DIR/<split>")
     p.set_defaults(func=cmd_evaluate)
-    p = subparsers.add_parser("sample", help="generate one image per real image of the eval split and save them",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser("sample", help="generate images of chosen labels, or one per real image, and save them",
+                              description=SAMPLE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(p)
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/samples)")
+    p.add_argument("--perturbation", default=None, metavar="NAME",
+                   help="generate N samples of this perturbation (a name of the run's vocabulary; 'A+B' for an "
+                   "expression combination) instead of one per real image")
+    p.add_argument("--experiment", default=None, metavar="NAME", help="experiment (batch) name for --perturbation")
+    p.add_argument("--cell-type", default=None, metavar="NAME", help="cell type name for --perturbation")
+    p.add_argument("-n", "--num", type=int, default=None, metavar="N",
+                   help="how many samples of the chosen labels (default 16)")
     p.set_defaults(func=cmd_sample)

@@ -105,7 +105,7 @@ def load_export(run_dir: str | Path, ema_std: float | None = None) -> tuple[torc
     from phenoflow.model.mit import build_model
     from phenoflow.train.checkpoint import ema_filename, load_safetensors, load_weights
 
-    export = Path(run_dir) / "export"
+    export = Path(run_dir) if (Path(run_dir) / "model.json").is_file() else Path(run_dir) / "export"  # or an export
     meta_path = export / "model.json"
     if not meta_path.is_file():
         raise FileNotFoundError(f"{meta_path} does not exist: train the run first (or pass a model)")
@@ -138,19 +138,25 @@ def _vocab_names(manifest: dict, group: str) -> list[str]:
     return Vocab.from_json(v).names if v is not None else []
 
 
+def label_names(manifest: dict) -> dict[str, list[str]]:
+    """{group: names} of the label groups a samples file stores (LABEL_KEYS), from the manifest's vocabularies."""
+    return {g: _vocab_names(manifest, g) for g in LABEL_KEYS}
+
+
 def _select(batch: dict[str, Any], idx: list[int]) -> dict[str, Any]:
     """Rows idx of a loader batch (tensors indexed, lists such as "key" picked)."""
     rows = torch.tensor(idx, dtype=torch.long)
     return {k: (v[rows] if isinstance(v, torch.Tensor) else [v[i] for i in idx]) for k, v in batch.items()}
 
 
-def _real_batches(cfg: Config, data_dir: Path, rank: int,
-                  world: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _real_batches(cfg: Config, data_dir: Path, rank: int, world: int,
+                  remap: dict | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(scored, read): the eval split's samples (this rank's part) in manifest order.
 
     scored: the samples that are generated and scored: non-control images only unless eval.include_controls (the
     MiT RxRx1 protocol scores perturbed images only), at most eval.max_images of them overall.
     read: every batch read, controls included, unfiltered (the source of the counterfactual ControlPool).
+    remap: {group: ids} translating the data's label ids to the model's by name (phenoflow.run_config.label_remap).
     """
     from phenoflow.data.loader import ShardLoader
 
@@ -163,6 +169,10 @@ def _real_batches(cfg: Config, data_dir: Path, rank: int,
     for b in loader:
         if cap and n >= cap:
             break
+        if remap:
+            from phenoflow.run_config import apply_remap
+
+            b = apply_remap(b, remap)
         read.append(b)
         idx = list(range(len(b["key"])))
         if not cfg.eval.include_controls:
@@ -296,17 +306,27 @@ def _setup(cfg: Config, run_dir: Path, model, data_dir, mode: str) -> _Setup:
 
     rank, world = rank_world()
     device = _device(cfg)
-    if model is None:
-        model, _, _ = load_export(run_dir, cfg.eval.ema_std)
-    model = model.to(device)
+    remap, names = None, {}
+    own = model is None
+    if own:
+        model, _, _ = load_export(run_dir, cfg.eval.ema_std)  # before any data is written
     data_dir = _data_dir(cfg, data_dir)
-    batches, read = _real_batches(cfg, data_dir, rank, world)
+    manifest = load_manifest(data_dir)
+    if own:  # the model's vocabularies vs the data's, by name: reordered/subset names mapped, unknown refused
+        from phenoflow.run_config import find_run, label_remap, run_vocabs
+
+        names = run_vocabs(find_run(run_dir))
+        remap = label_remap(names, manifest.get("vocabs", {}), f"the data in {data_dir}")
+    model = model.to(device)
+    batches, read = _real_batches(cfg, data_dir, rank, world, remap)
+    if remap:  # label names as the model numbers them (grids, per-perturbation scores, samples files)
+        manifest = {**manifest, "vocabs": {**manifest.get("vocabs", {}), **names}}
     controls = None
     if mode == "counterfactual":
         controls = ControlPool()
         for b in read:
             controls.add_batch(b)
-    return _Setup(rank, world, device, model, data_dir, load_manifest(data_dir), batches, controls)
+    return _Setup(rank, world, device, model, data_dir, manifest, batches, controls)
 
 
 def evaluate(cfg: Config, run_dir: str | Path | None = None, model: torch.nn.Module | None = None,
@@ -354,7 +374,7 @@ def evaluate(cfg: Config, run_dir: str | Path | None = None, model: torch.nn.Mod
         tag = f"w{w:g}"
         gathered = gather_samples(gen, labels)
         if gathered is not None:  # rank 0: one file with every rank's images
-            save_samples(report_dir / "samples" / f"{tag}.npz", *gathered, w=w, nfe=nfe)
+            save_samples(report_dir / "samples" / f"{tag}.npz", *gathered, w=w, nfe=nfe, names=label_names(s.manifest))
         metrics: dict[str, float] = {}
         per_pert: dict[str, dict[str, float]] = {}
         for name in features:
@@ -413,7 +433,7 @@ def sample(cfg: Config, run_dir: str | Path | None = None, model: torch.nn.Modul
         tag = f"w{w:g}"
         gathered = gather_samples(gen, labels)
         if gathered is not None:  # rank 0: one file with every rank's images
-            save_samples(out_dir / f"{tag}.npz", *gathered, w=w, nfe=nfe)
+            save_samples(out_dir / f"{tag}.npz", *gathered, w=w, nfe=nfe, names=label_names(s.manifest))
         if rank == 0:
             rows = grid_rows(real_images, real_pert, gen, labels["perturbation"], pert_names)
             save_grid(rows, out_dir / f"grid_{tag}.png", title=f"w = {w:g}")

@@ -139,16 +139,23 @@ def generate(model: torch.nn.Module, loader_batches: Iterable[Mapping[str, Any]]
     return torch.cat(images), out_labels, float(np.mean(nfes))
 
 
-def save_samples(path: str | Path, images: torch.Tensor, labels: Mapping[str, Any], **meta: Any) -> Path:
+def save_samples(path: str | Path, images: torch.Tensor, labels: Mapping[str, Any],
+                 names: Mapping[str, list[str]] | None = None, **meta: Any) -> Path:
     """Save generated images + labels (+ scalar metadata such as w, nfe) as .npz, to recompute metrics.
 
-    Written atomically (phenoflow.train.checkpoint._atomic: per-process temp file, fsync, rename)."""
+    names {group: vocabulary}: also store each image's label NAME as `<group>_name` (a string array; "null" for
+    an id outside the vocabulary). Written atomically (phenoflow.train.checkpoint._atomic: temp file, fsync,
+    rename)."""
     from phenoflow.train.checkpoint import _atomic
 
     path = Path(path)
     arrays = {"images": images.numpy()}
     for k, v in labels.items():
         arrays[k] = np.asarray(v if k == "key" else v.numpy())
+        if names and names.get(k) and k != "key":
+            vocab = names[k]
+            arrays[f"{k}_name"] = np.asarray([vocab[i] if 0 <= i < len(vocab) else "null"
+                                              for i in np.asarray(v).reshape(len(v), -1)[:, 0].tolist()], dtype=str)
     for k, v in meta.items():
         arrays[f"meta_{k}"] = np.asarray(v)
 
@@ -172,7 +179,7 @@ def load_samples(path: str | Path) -> tuple[torch.Tensor, dict[str, Any], dict[s
                 continue
             if k.startswith("meta_"):
                 meta[k[5:]] = z[k].item() if z[k].ndim == 0 else z[k]
-            elif k == "key":
+            elif k == "key" or z[k].dtype.kind == "U":  # sample keys, label names
                 labels[k] = [str(s) for s in z[k]]
             else:
                 labels[k] = torch.from_numpy(z[k])

@@ -23,11 +23,29 @@ class WeightsMismatchError(CheckpointError, ValueError):
     """Weights that do not fit the model (names or shapes); also a ValueError, as before it existed."""
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (/proc/self/status), else by setting and
+    restoring it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic(path: Path, write) -> Path:
+    """write(tmp) to a temporary file beside `path`, fsync, rename over `path`. The file gets the mode a plain
+    open() would give (0666 minus the user's umask): some writers (safetensors) create 0600 files, which nobody
+    else on a shared cluster could read."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     write(tmp)
+    os.chmod(tmp, 0o666 & ~current_umask())
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     tmp.replace(path)

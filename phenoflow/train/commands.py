@@ -28,12 +28,19 @@ def cmd_bench(args) -> int:
     return 0
 
 
+PLAN_HELP = {"--nodes": "number of nodes in the cluster", "--gpus-per-node": "GPUs in each node",
+             "--link-efficiency": "fraction of the nominal link bandwidth that collectives reach"}
+
+
 def register(subparsers) -> None:
     from phenoflow.train.planner import add_args
 
     p = subparsers.add_parser("plan", help="per-GPU memory, communication and scaling efficiency for a cluster")
     add_config_args(p, "mit-xl2-pretrain")
     add_args(p)
+    for a in p._actions:  # user help for the cluster options that have none
+        if a.option_strings and not a.help and a.option_strings[0] in PLAN_HELP:
+            a.help = PLAN_HELP[a.option_strings[0]]
     p.set_defaults(func=cmd_plan)
 
     p = subparsers.add_parser("bench", help="benchmarks: `phenoflow bench train` times training steps")

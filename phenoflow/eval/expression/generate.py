@@ -45,7 +45,7 @@ def load_expression_export(run_dir: str | Path, ema_std: float | None = None) ->
     from phenoflow.modalities import get_modality
     from phenoflow.train.checkpoint import ema_filename, load_safetensors, load_weights
 
-    export = Path(run_dir) / "export"
+    export = Path(run_dir) if (Path(run_dir) / "model.json").is_file() else Path(run_dir) / "export"  # or an export
     meta_path, man_path = export / "model.json", export / "manifest.json"
     for p in (meta_path, man_path):
         if not p.is_file():
@@ -295,6 +295,12 @@ def sample_expression(cfg: Config, run_dir: str | Path | None = None, out_dir: s
     cells = read_split(data, cfg.eval.split, checksums=cfg.data.checksums)
     if manifest is not None and list(manifest["genes"]) != cells.genes:
         raise ConfigError(f"{data}: its genes differ from the ones the model in {run_dir}/export was trained on")
+    if manifest is not None:  # label ids by name: reordered/subset vocabularies mapped, unknown names refused
+        from phenoflow.data.shards import load_manifest
+        from phenoflow.run_config import apply_remap, label_remap
+
+        vocabs = {g: list(v) for g, v in manifest.get("vocabs", {}).items()}
+        cells.labels = apply_remap(cells.labels, label_remap(vocabs, load_manifest(data)["vocabs"], f"the data in {data}"))
     if cells.is_control.all():
         raise ConfigError(f"eval.split={cfg.eval.split!r} of {data} holds only control cells: nothing to generate "
                           "(choose a split with perturbed cells, e.g. eval.split=test)")
