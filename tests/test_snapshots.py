@@ -72,3 +72,35 @@ def test_resumed_run_continues_the_snapshot_series(tmp_path):
     for (s, p), (_, q) in zip([g for g in got if g[0] != 56], want):
         a, b = load_snapshot(p)["ema"], load_snapshot(q)["ema"]
         assert all(torch.equal(a[k][n], b[k][n]) for k in a for n in a[k]), s
+
+
+def test_guidance_by_ema_width_sweep(tmp_path):
+    """`phenoflow evaluate --run-dir RUN --ema-sweep ...`: tracked, raw and post-hoc widths, every guidance."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from phenoflow.eval.sweep import model_for_width
+
+    cfg = _cfg(tmp_path, "sw", 8 * 20, "train.snapshot_every_steps=2")
+    out = _fit(cfg)
+    tracked, prov = model_for_width(cfg.run_dir, 0.05)
+    exported = load_safetensors(out / ema_filename(0.05))
+    assert prov["source"] == "tracked (export)"
+    assert all(torch.equal(t, exported[n]) for n, t in tracked.state_dict().items() if n in exported)
+    rebuilt, prov = model_for_width(cfg.run_dir, 0.05, at=8 * 20)  # post hoc, at a snapshot of that width
+    assert prov["source"] == "post-hoc reconstruction" and prov["residual"] < 1e-9
+    assert all(torch.allclose(t, exported[n], atol=1e-5) for n, t in rebuilt.state_dict().items() if n in exported)
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "phenoflow.cli", "evaluate", "--run-dir", str(cfg.run_dir), "--ema-sweep",
+           "0,0.05,0.03", "eval.solver=euler", "eval.steps=2", "eval.guidance=[1,2]", "eval.max_images=16"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((cfg.run_dir / "report" / "sweep" / "sweep.json").read_text())
+    assert [(r["ema_std"], r["w"]) for r in result["rows"]] == [(s, w) for s in (0.0, 0.05, 0.03) for w in (1, 2)]
+    assert [w["source"] for w in result["widths"]] == ["raw weights", "tracked (export)", "post-hoc reconstruction"]
+    assert all("FD_morph" in r for r in result["rows"]) and "FD_morph" in result["best"]
+    assert (cfg.run_dir / "report" / "sweep" / "sweep.md").is_file()
+    assert (cfg.run_dir / "report" / "sweep" / "ema-0.0300" / "metrics.json").is_file()
