@@ -78,11 +78,72 @@ def _rxrx1_h64() -> Config:
 
 @preset("bbbc021")
 def _bbbc021() -> Config:
-    """BBBC021 (RGB 96x96 crops of compound treatments), MiT-XL/2 with one-hot compound labels."""
+    """BBBC021 (RGB 96x96 crops of compound treatments), MiT-XL/2 with one-hot compound labels (docs/molecules.md).
+
+    Data: the CellFlux/IMPA layout resplit by compound (`python -m phenoflow.data.molecules resplit`: train /
+    seen / unseen / unseen_train, the MiT split's unseen compounds of ARCHITECTURE.md) and converted with
+    `phenoflow data convert cellflux`. Trains on `train` (no image of an unseen compound) and scores `seen`."""
+    from phenoflow.data.molecules import BBBC021_UNSEEN
+
     c = _rxrx1()
     c.run.name = "bbbc021"
     c.data.shards = "data/bbbc021"
-    c.data.channels = 3
+    c.data.image_size, c.data.channels = 96, 3
+    c.eval.split = "seen"
+    c.mol.unseen = list(BBBC021_UNSEEN)
+    return c
+
+
+@preset("bbbc021-morgan")
+def _bbbc021_morgan() -> Config:
+    """The paper's unseen-compound finetuning: start from the one-hot bbbc021 run, freeze it except its adaLN
+    layers, train the molecule adaptor (Morgan fingerprints, radius 2, 2048 bits; 6 MiT blocks, dose-modulated)
+    for 10k steps at batch 128 (8 GPUs x 16 in the paper); score the unseen compounds."""
+    c = _bbbc021()
+    c.run.name = "bbbc021-morgan"
+    c.mol.conditioning, c.mol.representation = "adaptor", "fingerprint"
+    c.train.init_from, c.train.trainable = "runs/bbbc021", "adaptor"
+    c.train.batch_size, c.train.total_samples = 128, 128 * 10_000
+    c.eval.split = "unseen"
+    return c
+
+
+@preset("bbbc021-embedding")
+def _bbbc021_embedding() -> Config:
+    """As bbbc021-morgan with a precomputed molecule embedding (e.g. MolGPS) from a CSV/NPY/Parquet file keyed
+    by compound name (mol.embeddings, mol.embedding_key)."""
+    c = _bbbc021_morgan()
+    c.run.name = "bbbc021-embedding"
+    c.mol.representation, c.mol.embeddings = "embedding", "data/bbbc021_embeddings.csv"
+    return c
+
+
+@preset("compounds-demo")
+def _compounds_demo() -> Config:
+    """The synthetic unseen-compound benchmark on the CPU (phenoflow/data/synthetic_compounds.py): 48 real NCI
+    molecules whose effects follow their logP / TPSA / aromatic rings, 12 unseen by Butina cluster, 24 px RGB.
+    Write the data first: `python -m phenoflow.data.synthetic_compounds data/compounds-demo`. One-hot base run."""
+    c = Config()
+    c.run.name = "compounds-demo"
+    c.data.source, c.data.shards = "shards", "data/compounds-demo"
+    c.data.image_size, c.data.channels = 24, 3
+    c.model.size, c.model.depth, c.model.hidden_size, c.model.num_heads, c.model.patch_size = "tiny", 4, 64, 2, 4
+    c.model.proj_dropout = 0.0
+    c.train.batch_size, c.train.total_samples, c.train.lr = 32, 32 * 300, 2e-3
+    c.train.ema_stds, c.eval.ema_std = [0.05], 0.05
+    c.eval.solver, c.eval.steps, c.eval.split, c.eval.features = "heun", 10, "seen", ["morphology"]
+    return c
+
+
+@preset("compounds-demo-morgan")
+def _compounds_demo_morgan() -> Config:
+    """compounds-demo's adaptor finetuning: frozen base but adaLN, a 2-block fingerprint adaptor, 200 steps."""
+    c = _compounds_demo()
+    c.run.name = "compounds-demo-morgan"
+    c.mol.conditioning, c.mol.adaptor_depth = "adaptor", 2
+    c.train.init_from, c.train.trainable = "runs/compounds-demo", "adaptor"
+    c.train.total_samples, c.train.lr = 32 * 200, 1e-3
+    c.eval.split = "unseen"
     return c
 
 

@@ -9,11 +9,12 @@ Descriptors of the standardised molecule, each turned into a bounded score:
     z_arom = tanh((aromatic ring count - 1.5) / 1.0)
 Effect of compound j at dose d (multipliers on the synthetic renderer's quantities, phenoflow/data/synthetic.py),
 with strength s(d) = dose_strength(d) in [0.25, 1] (log-spaced doses DOSES):
-    nucleus_size      = exp(0.25 s z_logP)
-    cytoplasm_size    = exp(0.20 s z_tpsa)
-    intensity[DNA]    = exp(0.45 s z_logP)
-    intensity[ch 1]   = exp(0.45 s z_tpsa)          (tubulin / ER)
-    intensity[ch 2]   = exp(0.45 s z_arom)          (actin)
+    nucleus_size      = exp(0.3 a s z_logP)
+    cytoplasm_size    = exp(0.25 a s z_tpsa)
+    intensity[DNA]    = exp(0.8 a s z_logP)
+    intensity[ch 1]   = exp(0.8 a s z_tpsa)         (tubulin / ER)
+    intensity[ch 2]   = exp(0.8 a s z_arom)         (actin)
+with a = `effect_scale` (1 by default).
     elongation, texture = 1
 The control (DMSO) has every multiplier 1. Everything else (cells, texture, batch effects, noise) is the
 synthetic renderer's, drawn from (seed, split, sample index).
@@ -60,6 +61,7 @@ class CompoundSpec:
     channels: int = 3
     num_experiments: int = 2
     doses: tuple[float, ...] = (0.3, 3.0)
+    effect_scale: float = 1.0
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -96,19 +98,19 @@ def scores(d: dict[str, float]) -> tuple[float, float, float]:
             float(np.tanh((d["aromatic_rings"] - 1.5) / 1.0)))
 
 
-def compound_factors(d: dict[str, float] | None, dose: float, channels: int) -> dict[str, Any]:
+def compound_factors(d: dict[str, float] | None, dose: float, channels: int, scale: float = 1.0) -> dict[str, Any]:
     """The renderer's factors (synthetic.perturbation_factors' layout) of a compound at a dose; None = control."""
     f = {"kind": "compound", "direction": 0, "nucleus_size": 1.0, "elongation": 1.0, "cytoplasm_size": 1.0,
          "intensity": [1.0] * channels, "texture": 1.0, "target_channel": None}
     if d is None:
         return f
     zl, zt, za = scores(d)
-    s = dose_strength(dose)
-    f["nucleus_size"] = float(np.exp(0.25 * s * zl))
-    f["cytoplasm_size"] = float(np.exp(0.20 * s * zt))
-    f["intensity"][0] = float(np.exp(0.45 * s * zl))
-    f["intensity"][1] = float(np.exp(0.45 * s * zt))
-    f["intensity"][2] = float(np.exp(0.45 * s * za))
+    s = dose_strength(dose) * scale
+    f["nucleus_size"] = float(np.exp(0.3 * s * zl))
+    f["cytoplasm_size"] = float(np.exp(0.25 * s * zt))
+    f["intensity"][0] = float(np.exp(0.8 * s * zl))
+    f["intensity"][1] = float(np.exp(0.8 * s * zt))
+    f["intensity"][2] = float(np.exp(0.8 * s * za))
     return f
 
 
@@ -183,7 +185,7 @@ def _draw(spec: CompoundSpec, split: str, i: int, g1: int, g2: int) -> dict[str,
     S, C = spec.image_size, spec.channels
     rng = np.random.default_rng([spec.seed, zlib.crc32(split.encode()), i])
     c, e, dose = labels_of(spec, split, i)
-    pf = compound_factors(None if c is None else c, dose, C)
+    pf = compound_factors(None if c is None else c, dose, C, spec.effect_scale)
     nuc_t, cyt_t = cell_type_factors(0)
     n_cells = int(rng.integers(2, MAX_CELLS + 1))
     xy = np.concatenate([rng.normal(0.5, 0.07, size=(1, 2)), rng.uniform(0.08, 0.92, size=(MAX_CELLS - 1, 2))]) * S
@@ -228,7 +230,7 @@ def describe(spec: CompoundSpec) -> dict[str, Any]:
         out[c["name"]] = {"smiles": c["smiles"], "canonical": c["canonical"], **d, "scores": scores(d),
                           "cluster": c["cluster"], "unseen": c["unseen"],
                           "doses": {str(x): {k: (dict(zip(chans, v)) if k == "intensity" else v)
-                                             for k, v in compound_factors(d, x, spec.channels).items()
+                                             for k, v in compound_factors(d, x, spec.channels, spec.effect_scale).items()
                                              if k in ("nucleus_size", "cytoplasm_size", "intensity")}
                                     for x in spec.doses}}
     return out
@@ -262,3 +264,30 @@ def write_benchmark(spec: CompoundSpec, out_dir: str | Path, counts: dict[str, i
     tmp.write_text("compound,smiles\n" + "".join(f"{c['name']},{c['smiles']}\n" for c in comps))
     tmp.replace(out / "compounds.csv")
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m phenoflow.data.synthetic_compounds OUT [--compounds N] [--train N] [--seen N] [--unseen N]`."""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="python -m phenoflow.data.synthetic_compounds")
+    ap.add_argument("out")
+    ap.add_argument("--compounds", type=int, default=48)
+    ap.add_argument("--train", type=int, default=2048)
+    ap.add_argument("--seen", type=int, default=128)
+    ap.add_argument("--unseen", type=int, default=192)
+    ap.add_argument("--image-size", type=int, default=24)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--effects", action="store_true", help="print the ground-truth table (JSON)")
+    a = ap.parse_args(argv)
+    spec = CompoundSpec(num_compounds=a.compounds, image_size=a.image_size, seed=a.seed)
+    if a.effects:
+        print(json.dumps(describe(spec), indent=1))
+    out = write_benchmark(spec, a.out, {"train": a.train, "seen": a.seen, "unseen": a.unseen})
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

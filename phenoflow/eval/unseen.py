@@ -120,3 +120,32 @@ def _write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m phenoflow.eval.unseen --base RUN [--fingerprint RUN[:w]] [--embedding RUN[:w]] --out DIR`."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m phenoflow.eval.unseen")
+    ap.add_argument("--base", help="the one-hot run (one-hot and unconditional rows)")
+    ap.add_argument("--fingerprint", help="the fingerprint adaptor run, optionally RUN:w")
+    ap.add_argument("--embedding", help="the embedding-file adaptor run, optionally RUN:w")
+    ap.add_argument("--data", default=None, help="shard folder (default: the runs' data section)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--splits", default="seen,unseen")
+    ap.add_argument("--max-images", type=int, default=0)
+    a = ap.parse_args(argv)
+    runs: dict[str, Any] = {}
+    for name in ("base", "fingerprint", "embedding"):
+        v = getattr(a, name)
+        if v:
+            run, _, w = v.rpartition(":") if ":" in v and v.rsplit(":", 1)[1].replace(".", "").isdigit() else (v, "", "")
+            runs[name] = (run, float(w)) if w else run
+    evaluate_unseen(runs, a.out, data_dir=a.data, splits=tuple(a.splits.split(",")), max_images=a.max_images,
+                    progress=True)
+    print((Path(a.out) / "unseen.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
