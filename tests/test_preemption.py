@@ -124,3 +124,65 @@ def test_stop_file_stops_the_run_and_is_removed(tmp_path, monkeypatch):
     assert e.value.exit_code == 75 and tr.samples_seen == 96 and tr.saved_samples == 96  # the next step's check
     assert not (cfg.run_dir / "STOP").exists()
     assert load_checkpoint(cfg.run_dir / "checkpoints" / "latest.pt")["samples_seen"] == 96
+
+
+SBATCH = Path(__file__).resolve().parent.parent / "scripts" / "slurm_32xh100.sbatch"
+
+
+def _stub_env(tmp_path: Path, srun_exit: int) -> dict:
+    """Stand-ins for scontrol / srun / sbatch on PATH: srun waits for RUN_DIR/STOP (what the trainer honours)
+    or, with srun_exit 0/3, ends at once with that code; scontrol records a requeue."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text('#!/bin/bash\nif [ "$1" = show ]; then echo node1; fi\n'
+                                      f'if [ "$1" = requeue ]; then echo "$2" > {tmp_path}/requeued; fi\n')
+    wait_stop = (f'touch {tmp_path}/srun-started\n'
+                 'while [ ! -f "$OUT_DIR/$RUN_NAME/STOP" ]; do sleep 0.05; done\nexit 1\n')
+    (bin_dir / "srun").write_text("#!/bin/bash\n" + (wait_stop if srun_exit < 0 else f"exit {srun_exit}\n"))
+    (bin_dir / "sbatch").write_text(f'#!/bin/bash\necho "$@" > {tmp_path}/submitted\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", SLURM_JOB_ID="123", SLURM_JOB_NODELIST="node1", SLURM_NNODES="1",
+               OUT_DIR=str(tmp_path / "runs"), RUN_NAME="x", VENV=str(tmp_path / "venv"))
+    return env
+
+
+def test_sbatch_script_turns_usr1_into_a_checkpoint_request_and_requeues(tmp_path):
+    env = _stub_env(tmp_path, srun_exit=-1)
+    (tmp_path / "runs" / "x").mkdir(parents=True)
+    (tmp_path / "runs" / "x" / "STOP").touch()  # left over from an earlier job: removed at start
+    proc = subprocess.Popen(["bash", str(SBATCH)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 30
+    while not (tmp_path / "srun-started").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert (tmp_path / "srun-started").exists() and proc.poll() is None
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@300 delivers
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert (tmp_path / "requeued").read_text().strip() == "123", out
+    assert "USR1: asking the trainer to checkpoint" in out and "requeueing job 123" in out
+    assert (tmp_path / "logs").is_dir()
+    text = SBATCH.read_text()
+    assert "#SBATCH --signal=B:USR1@" in text and "#SBATCH --requeue" in text and "--open-mode=append" in text
+
+
+@pytest.mark.parametrize("code", [0, 3])
+def test_sbatch_script_does_not_requeue_a_finished_or_failed_run(tmp_path, code):
+    env = _stub_env(tmp_path, srun_exit=code)
+    proc = subprocess.run(["bash", str(SBATCH)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=30, check=False)
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    assert not (tmp_path / "requeued").exists()
+
+
+def test_sbatch_script_outside_slurm_makes_logs_and_submits_itself(tmp_path):
+    env = _stub_env(tmp_path, srun_exit=0)
+    del env["SLURM_JOB_ID"]
+    proc = subprocess.run(["bash", str(SBATCH), "train.total_samples=1000"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "logs").is_dir()
+    assert (tmp_path / "submitted").read_text().split() == [str(SBATCH), "train.total_samples=1000"]
