@@ -102,6 +102,8 @@ def test_cpu_run_log_has_steps_eta_and_no_meaningless_fields(tmp_path, capsys):
     assert [e["step"] for e in train] == [1, 2, 3, 4, 5, 6]  # the first line after the first step
     assert all("mfu" not in e and "peak_mem_gb" not in e for e in train), train[0]
     assert all(e["eta_s"] is not None and e["eta_s"] >= 0 for e in train) and train[-1]["eta_s"] == 0
+    saves = [e for e in ev if e["event"] == "checkpoint"]  # auto: ~10 points, here every one of the 6 steps
+    assert [e["samples"] for e in saves] == [16, 32, 48, 64, 80, 96] and all(e["seconds"] >= 0 for e in saves)
     err = capsys.readouterr().err
     lines = [x for x in err.splitlines() if "loss" in x and "step" in x]
     assert lines and not any("mfu" in x or " mem " in x for x in lines), lines[:2]

@@ -187,6 +187,8 @@ class RunLog:
             step = int(record["samples"])
             self.tb.scalars({tag: record.get(k) for k, tag in TB_TRAIN.items() if k in record}, step)
             self.tb.flush()
+        elif record.get("event") == "checkpoint":
+            self.say(f"checkpoint at {record['samples']:,} {self.noun} ({record['seconds']:.1f} s)")
         elif record.get("event") != "snapshot":  # snapshots: log.jsonl only
             self.say(json.dumps(record))
 

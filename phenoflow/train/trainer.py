@@ -403,22 +403,28 @@ class Trainer:
                 if out["stop"] and not done:
                     self._preempt(log)
                 if cadence.ckpt_due(before, self.samples_seen) and not done:
-                    self.save()
+                    self._save_logged(log)
         finally:
             self.stop.restore()
         if self.saved_samples != self.samples_seen:  # nothing new since the last complete checkpoint: no write
-            self.save()
+            self._save_logged(log)
         out_dir = self.export()
         log.write({"event": "end", "samples_seen": self.samples_seen, "export": str(out_dir),
                    "nonfinite_total": self.nonfinite_total})
         log.close()
         return out_dir
 
+    def _save_logged(self, log: RunLog) -> None:
+        """save() and a log record of how long it took (what a job's pre-limit signal margin must cover)."""
+        t0 = time.perf_counter()
+        self.save()
+        log.write({"event": "checkpoint", "samples": self.samples_seen, "seconds": round(time.perf_counter() - t0, 3)})
+
     def _preempt(self, log: RunLog) -> None:
         """A stop was asked (SIGTERM / SIGUSR1 / the stop file) on some rank: every rank is here after the same
         step. Checkpoint (every rank its part), say so, and raise Preempted (exit code 75: requeue)."""
         if self.saved_samples != self.samples_seen:
-            self.save()
+            self._save_logged(log)
         why = self.stop.signal_name or "another rank"
         log.write({"event": "preempted", "samples": self.samples_seen, "reason": why,
                    "checkpoint": str(self.ckpt_path), "exit_code": Preempted.exit_code})
