@@ -24,7 +24,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if ("default" in text or default in (None, False, argparse.SUPPRESS) or default == []
+        if ("default" in text or default is None or default is False or default == argparse.SUPPRESS
+                or (isinstance(default, list) and not default)
                 or (not action.option_strings and action.nargs not in (argparse.OPTIONAL, argparse.ZERO_OR_MORE))):
             return text
         return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"

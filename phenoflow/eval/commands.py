@@ -77,8 +77,16 @@ def check_run(cfg, args) -> None:
                                                       else ref.home / "data")
     if (data / "manifest.json").is_file():
         from phenoflow.data.shards import load_manifest
+        from phenoflow.errors import ConfigError
 
-        label_remap(run_vocabs(ref), load_manifest(data).get("vocabs", {}), f"the data in {data}")
+        manifest = load_manifest(data)
+        shape = manifest.get("image_shape")
+        d = cfg.data
+        if d.modality == "microscopy" and shape and tuple(shape) != (d.image_size, d.image_size, d.channels):
+            h, w, c = shape
+            raise ConfigError(f"the data in {data} hold {h}x{w} {c}-channel images, but the model in {ref.path} "
+                              f"takes {d.image_size}x{d.image_size} {d.channels}-channel images")
+        label_remap(run_vocabs(ref), manifest.get("vocabs", {}), f"the data in {data}")
 
 
 def _launch_distributed(cfg) -> bool:
@@ -143,9 +151,20 @@ def _evaluate_splits(cfg, args) -> int:
     # Several splits (e.g. seen and unseen perturbations): one report each, in REPORT_DIR/<split>.
     base = Path(args.report_dir) if args.report_dir else run_dir / "report"
     for split, c in _split_configs(cfg, args):
+        if getattr(args, "ema_sweep", None):  # guidance x EMA-width sweep (phenoflow/eval/sweep.py)
+            from phenoflow.eval.sweep import sweep
+
+            out = sweep(c, run_dir, args.ema_sweep, report_dir=(base / split) if split else args.report_dir,
+                        mode=args.mode, seed=args.seed, data_dir=args.data_dir)
+            if _is_rank0():
+                print(f"sweep{f' ({split})' if split else ''}: {out / 'sweep.md'}")
+            continue
         report = evaluate(c, run_dir, report_dir=base / split if split else args.report_dir, mode=args.mode,
                           seed=args.seed, data_dir=args.data_dir)
         if _is_rank0():
+            from phenoflow.eval.sweep import report_to_tensorboard
+
+            report_to_tensorboard(run_dir, report, prefix=f"eval/{split}" if split else "eval")  # run_dir/tensorboard
             print(f"report{f' ({split})' if split else ''}: {report / 'metrics.md'}")
     return 0
 
@@ -244,6 +263,11 @@ def register(subparsers) -> None:
     p.add_argument("--report-dir", default=None, help="report folder (default: RUN_DIR/report)")
     p.add_argument("--splits", nargs="+", default=None, metavar="SPLIT",
                    help="evaluate each of these splits (e.g. seen unseen) into REPORT_DIR/<split>")
+    p.add_argument("--ema-sweep", default=None, metavar="STD,STD,...",
+                   type=lambda v: [float(x) for x in v.split(",") if x.strip()],
+                   help="evaluate every eval.guidance at each of these EMA widths, e.g. 0,0.01,0.03,0.05 (0 = raw "
+                        "weights; widths the run did not track are reconstructed post hoc from its snapshots) into "
+                        "RUN_DIR/report/sweep (default: off)")
     p.set_defaults(func=cmd_evaluate)
     p = subparsers.add_parser("sample", help="generate images of chosen labels, or one per real image, and save them",
                               description=SAMPLE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
