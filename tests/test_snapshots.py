@@ -104,3 +104,15 @@ def test_guidance_by_ema_width_sweep(tmp_path):
     assert all("FD_morph" in r for r in result["rows"]) and "FD_morph" in result["best"]
     assert (cfg.run_dir / "report" / "sweep" / "sweep.md").is_file()
     assert (cfg.run_dir / "report" / "sweep" / "ema-0.0300" / "metrics.json").is_file()
+    # Evaluation results also land in the run's TensorBoard folder: the sweep over widths, a plain evaluate at
+    # the run's sample count.
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    plain = subprocess.run(cmd[:6] + cmd[8:], capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    mux = EventMultiplexer().AddRunsFromDirectory(str(cfg.run_dir / "tensorboard"))
+    mux.Reload()
+    tags = {t for run in mux.Runs().values() for t in run.get("scalars", [])}
+    images = {t for run in mux.Runs().values() for t in run.get("images", [])}
+    assert {"sweep/FD_morph/w1", "sweep/FD_morph/w2", "eval/FD_morph/w1"} <= tags, sorted(tags)
+    assert any(t.startswith("sweep/grid/") for t in images) and any(t.startswith("eval/grid/") for t in images)

@@ -8,7 +8,8 @@ For each EMA width (relative std, as in EDM2), the model's weights are
 and `evaluate` runs every guidance strength of eval.guidance on it. Each width gets its own report in
 REPORT_DIR/ema-<std>/; REPORT_DIR/sweep.json and sweep.md hold the table (one row per width and guidance, every
 metric) and the best row per metric (lower is better for FD/KD/FID/KID-type metrics). The metrics also go to
-the run's TensorBoard folder (tag sweep/<metric>/w<w>, step = the width in units of 1e-4) with the sample grids.
+the run's TensorBoard folder (tag sweep/<metric>/w<w>, step = the width in units of 1e-4: a curve over the width)
+with the sample grids. `report_to_tensorboard` does the same for a plain `evaluate` report (step = samples seen).
 """
 from __future__ import annotations
 
@@ -95,9 +96,31 @@ def _to_tensorboard(run_dir: Path, std: float, results: dict, sub: Path) -> None
     from phenoflow.train.run_log import log_eval_to_tensorboard
 
     step = round(std * 1e4)
-    scalars = {f"sweep/{k}/w{r['w']:g}": v for r in results.get("sweep", []) for k, v in r.get("metrics", {}).items()}
+    scalars = {f"sweep/{k}/w{r['w']:g}": v for r in results.get("sweep", []) for k, v in r.get("metrics", {}).items()
+               if isinstance(v, (int, float))}
     images = {f"sweep/grid/{name[:-4]}": sub / name for name in results.get("grids", []) if (sub / name).is_file()}
     log_eval_to_tensorboard(run_dir, step, scalars, images)
+
+
+def report_to_tensorboard(run_dir: str | Path, report_dir: str | Path, prefix: str = "eval") -> bool:
+    """An `evaluate` report (metrics.json, grids) into the run's TensorBoard folder at the export's sample
+    count: tags <prefix>/<metric>/w<w> and <prefix>/grid/<name>. False when there is nothing to log or no
+    tensorboard package (said once). Rank 0 calls it."""
+    from phenoflow.train.run_log import log_eval_to_tensorboard
+
+    run_dir, report_dir = Path(run_dir), Path(report_dir)
+    try:
+        results = json.loads((report_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return False
+    try:
+        step = int(json.loads((run_dir / "export" / "model.json").read_text()).get("samples_seen", 0))
+    except (OSError, ValueError):
+        step = 0
+    scalars = {f"{prefix}/{k}/w{r['w']:g}": v for r in results.get("sweep", []) for k, v in r.get("metrics", {}).items()
+               if isinstance(v, (int, float))}
+    images = {f"{prefix}/grid/{n[:-4]}": report_dir / n for n in results.get("grids", []) if (report_dir / n).is_file()}
+    return log_eval_to_tensorboard(run_dir, step, scalars, images)
 
 
 def _write(base: Path, rows: list[dict], widths: list[dict]) -> None:
