@@ -73,7 +73,10 @@ def evaluate_expression(pred, ref, pert_col: str = "condition", control: str = "
         rows += perturbench_metrics(p, r, n_comps=n_comps, max_cells=max_cells, ranks=ranks)
     if vcc:
         for cov in sorted(set(r.covariate)):
-            rows += vcc_metrics(p.subset(p.covariate == cov), r.subset(r.covariate == cov), covariate=cov)
+            rc = r.subset(r.covariate == cov)
+            if (rc.perturbation == rc.control).all():  # only controls here (e.g. a combine split's other cell
+                continue                                 # type): no perturbation to score, cell-eval would fail
+            rows += vcc_metrics(p.subset(p.covariate == cov), rc, covariate=cov)
     df = pd.DataFrame(rows, columns=COLUMNS)
     df["value"] = df["value"].astype(np.float64)
     return df

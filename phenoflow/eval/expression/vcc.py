@@ -55,6 +55,8 @@ def _perts(pred: ExpressionSet, ref: ExpressionSet) -> np.ndarray:
 
 
 def pseudobulk(es: ExpressionSet, labels) -> np.ndarray:
+    if len(labels) == 0:
+        return np.zeros((0, es.x.shape[1]), np.float64)
     return np.stack([es.x[es.perturbation == p].mean(axis=0) for p in labels])
 
 
