@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -295,6 +296,6 @@ def check_resume(cfg: Config, quiet: bool = False) -> list[str]:
             f"`phenoflow train --run-dir {cfg.run_dir}` (its saved config; allowed changes: train.total_samples, "
             "log/checkpoint intervals, eval.*, engine and device), start a new run (another run.name), or "
             f"finetune from it (train.init_from={cfg.run_dir})")
-    if allowed and not quiet:
+    if allowed and not quiet and os.environ.get("RANK", "0") == "0":  # once under torchrun
         print(f"[resume] {cfg.run_dir}: changed " + "; ".join(allowed), file=sys.stderr)
     return allowed

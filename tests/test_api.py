@@ -117,3 +117,21 @@ def test_atomic_writes_honour_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(a.stat().st_mode) == 0o640 and stat.S_IMODE(b.stat().st_mode) == 0o640
+
+
+def test_expression_sample_command_writes_named_cells(expr_run, tmp_path, capsys):
+    """`phenoflow sample --perturbation A+B --cell-type C -n 5` on an expression run: an h5ad of 5 cells x genes."""
+    import anndata
+
+    from phenoflow.cli import main
+
+    m = phenoflow.load(expr_run, device="cpu")
+    a, b = m.vocabs["perturbation"][1:3]
+    cell = m.vocabs["cell_type"][-1]
+    assert main(["sample", "--run-dir", str(expr_run), "--perturbation", f"{a}+{b}", "--cell-type", cell, "-n", "5",
+                 "--out", str(tmp_path), "eval.solver=euler", "eval.steps=2", "eval.guidance=[2]"]) == 0
+    ad = anndata.read_h5ad(tmp_path / f"{a}_{b}_w2.h5ad")
+    assert ad.shape == (5, len(m.manifest["genes"])) and set(ad.obs["cell_type"]) == {cell}
+    assert set(ad.obs["condition"]) == {f"{a}+{b}"} and ad.uns["phenoflow"]["w"] == 2.0
+    assert main(["sample", "--run-dir", str(expr_run), "--perturbation", "NOPE", "-n", "1"]) == 2
+    assert "unknown perturbation 'NOPE'" in capsys.readouterr().err

@@ -188,6 +188,12 @@ def cmd_sample(args) -> int:
     if dry_run(cfg, args):
         return 0
     if args.perturbation is not None or args.num is not None:
+        if args.mode != "generate" or args.data_dir:
+            from phenoflow.errors import ConfigError
+
+            raise ConfigError("--perturbation/-n generate from noise without data; --mode counterfactual and "
+                              "--data-dir work on the real images of a split (drop --perturbation/-n), or use "
+                              "phenoflow.load(RUN).counterfactual(images, perturbation=...) from Python")
         for path in sample_labels(cfg, args):
             print(f"samples: {path}")
         return 0
