@@ -148,6 +148,7 @@ def test_python_m_help_and_no_abbreviations(run):
     r = ok(pf("plan", "--help"))
     assert "number of nodes in the cluster (default: 4)" in " ".join(r.stdout.split())
     assert "GPUs in each node" in r.stdout
+    refused(pf("plan", "--nodes", "0"), "--nodes=0 must be > 0")  # on stderr, exit 2, no traceback
     r = ok(pf("evaluate", "--run-dir", run, "--split", "train", "--dry-run"))
     assert "split: train" in r.stdout
     r = pf("evaluate", "--run-dir", run, "--spl", "train", "--dry-run")

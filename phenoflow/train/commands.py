@@ -12,9 +12,10 @@ def cmd_plan(args) -> int:
         return 0
     try:
         print(run(cfg, args))
-    except ValueError as e:
-        print(f"phenoflow plan: {e}")
-        return 2
+    except ValueError as e:  # a cluster option out of range: one message on stderr, exit 2 (phenoflow.cli)
+        from phenoflow.errors import ConfigError
+
+        raise ConfigError(f"plan: {e}") from e
     return 0
 
 
