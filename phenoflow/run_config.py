@@ -189,8 +189,8 @@ def check_against_checkpoint(cfg: Config, ref: RunRef) -> None:
            if k in trained and k in now and trained[k] != now[k]]  # model.size counts through depth/hidden/heads
     if bad:
         raise ConfigError(f"the config conflicts with the run's checkpoint ({source}): " + "; ".join(bad)
-                          + ". Drop these overrides (the run's own config is used when no --preset/--config is "
-                          "given), or finetune a new run from it with train.init_from")
+                          + f". Give `--run-dir {ref.path}` without --preset/--config (the run's own config) and "
+                          "drop these overrides, or finetune a new run from it with train.init_from")
 
 
 def run_vocabs(ref: RunRef) -> dict[str, list[str]]:
@@ -281,8 +281,19 @@ def resume_changes(cfg: Config) -> tuple[list[str], list[str]]:
     allowed, refused = [], []
     for k, v in now.items():
         if k in saved and saved[k] != v:
-            (allowed if resume_allowed(k) else refused).append(f"{k}: {_fmt(saved[k])} -> {_fmt(v)}")
+            ok = resume_allowed(k) or (k == "data.shards" and _same_labels(run_dir, v))
+            (allowed if ok else refused).append(f"{k}: {_fmt(saved[k])} -> {_fmt(v)}")
     return allowed, refused
+
+
+def _same_labels(run_dir: Path, shards: str) -> bool:
+    """A moved shard folder: its manifest's vocabularies are the run's (vocab.json), name for name."""
+    try:
+        data = _json(Path(shards) / "manifest.json").get("vocabs", {})
+        run = _json(Path(run_dir) / "vocab.json")
+    except PhenoflowError:
+        return False
+    return bool(run) and {g: _names(v) for g, v in data.items()} == {g: _names(v) for g, v in run.items()}
 
 
 def check_resume(cfg: Config, quiet: bool = False) -> list[str]:

@@ -56,6 +56,18 @@ def _config(args):
     if getattr(args, "split", None):
         cfg.eval.split = args.split
         validate(cfg)
+    if not args.run_dir:  # the preset's run folder: the same check against its checkpoint as with --run-dir
+        from phenoflow.run_config import (
+            RunFolderError,
+            check_against_checkpoint,
+            find_run,
+        )
+
+        try:
+            ref = find_run(cfg.run_dir)
+        except RunFolderError:
+            return cfg
+        check_against_checkpoint(cfg, ref)
     return cfg
 
 
