@@ -64,6 +64,9 @@ def test_time_rule_asks_for_a_line_each_minute_at_the_start(monkeypatch):
     monkeypatch.setattr(RL.time, "monotonic", lambda: now[0])
     c = RL.Cadence(resolve("bbbc021", ["train.total_samples=25600000"]).train)
     assert c.log_auto and not c.time_due()
+    assert c.log_every == 1000 * 256 and c.log_due(0, 256, False)  # the first step of a process: a line
+    c.logged()
+    assert not c.log_due(256, 512, False) and c.log_due(256, 512, True)
     now[0] += 61
     assert c.time_due()
     c.logged()

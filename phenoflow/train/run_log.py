@@ -8,8 +8,9 @@
 
 Intervals (`Cadence`): train.{log,ckpt,snapshot}_every_{samples,steps}; when neither of a pair is set the
 interval scales with the run: a log line every ~1% of the run, a checkpoint at ~10 points, a snapshot at ~20
-points. With the automatic log interval a log line also comes whenever a minute has passed since the last one
-during the first ten minutes of a process, so the first line appears within a minute of the first step.
+points. With the automatic log interval the first step of a process is logged (its time includes start-up and
+compilation), and a line also comes whenever a minute has passed since the last one during the first ten
+minutes of a process.
 MFU is reported against the device's dense bf16 peak (phenoflow/train/devices.py) and omitted when unknown;
 memory only on CUDA.
 """
@@ -56,6 +57,7 @@ class Cadence:
         self.snapshot_every, _ = interval_samples(t_cfg, "snapshot")
         self.snapshots = bool(t_cfg.snapshots)
         self.t_start = self.t_last = time.monotonic()
+        self.first = True  # no line yet in this process
 
     def time_due(self) -> bool:
         """This rank's wish for an extra log line (automatic interval, first minutes, a minute since the last)."""
@@ -63,10 +65,11 @@ class Cadence:
         return self.log_auto and now - self.t_start < WARMUP_S and now - self.t_last >= WARMUP_EVERY_S
 
     def log_due(self, before: int, after: int, time_wish: bool) -> bool:
-        return crossed(before, after, self.log_every) or time_wish
+        return crossed(before, after, self.log_every) or time_wish or (self.log_auto and self.first)
 
     def logged(self) -> None:
         self.t_last = time.monotonic()
+        self.first = False
 
     def ckpt_due(self, before: int, after: int) -> bool:
         return crossed(before, after, self.ckpt_every)
