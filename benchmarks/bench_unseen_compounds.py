@@ -4,7 +4,8 @@ Data: phenoflow/data/synthetic_compounds.py (48 real NCI molecules, effects a kn
 aromatic rings, 12 unseen compounds by Butina cluster; 24 px RGB; train 2,048 / seen 64 / unseen 192 images).
 Runs (tiny MiT, depth 4, width 64, patch 4; batch 32):
   base         one-hot, 6,400 samples, lr 2e-3                         -> one-hot (w=1) and unconditional (w=0)
-  fingerprint  init_from=base, trainable=adaptor, Morgan bits (r=2, 2,048), 2-block adaptor, 3,200 samples
+  fingerprint  init_from=base, trainable=adaptor, Morgan bits (r=2, 2,048), 2-block adaptor, 3,200 samples at
+               lr 3e-3, sampled at guidance w = 2 (--w)
   embedding    the same with an embedding file: 10 standardised RDKit 2D descriptors per compound (CSV keyed
                by compound name; it contains the effect-driving descriptors, so it is an informed embedding,
                the role MolGPS plays in the paper)
@@ -52,6 +53,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="results folder (rows appended to unseen_compounds.csv)")
     ap.add_argument("--scale", type=float, default=1.0, help="multiplies both training budgets")
     ap.add_argument("--seed", type=int, default=0, help="training seed (the data is fixed)")
+    ap.add_argument("--w", type=float, default=2.0, help="guidance of the adaptor rows (the base rows: 1 and 0)")
     a = ap.parse_args()
     import torch
 
@@ -87,12 +89,12 @@ def main() -> None:
         return cfg.run_dir
 
     base = fit("base", 6400, "train.lr=2e-3")
-    adaptor = ["mol.conditioning=adaptor", "mol.adaptor_depth=2", "train.lr=1e-3", f"train.init_from={base}",
+    adaptor = ["mol.conditioning=adaptor", "mol.adaptor_depth=2", "train.lr=3e-3", f"train.init_from={base}",
                "train.trainable=adaptor"]
     fp = fit("fingerprint", 3200, *adaptor)
     em = fit("embedding", 3200, *adaptor, "mol.representation=embedding", f"mol.embeddings={emb}")
     t0 = time.perf_counter()
-    res = evaluate_unseen({"base": base, "fingerprint": fp, "embedding": em}, work / "table", data_dir=data)
+    res = evaluate_unseen({"base": base, "fingerprint": (fp, a.w), "embedding": (em, a.w)}, work / "table", data_dir=data)
     seconds["eval"] = time.perf_counter() - t0
     print((work / "table" / "unseen.md").read_text())
     rows = []

@@ -142,8 +142,8 @@ def _compounds_demo_morgan() -> Config:
     c.run.name = "compounds-demo-morgan"
     c.mol.conditioning, c.mol.adaptor_depth = "adaptor", 2
     c.train.init_from, c.train.trainable = "runs/compounds-demo", "adaptor"
-    c.train.total_samples, c.train.lr = 32 * 200, 1e-3
-    c.eval.split = "unseen"
+    c.train.total_samples, c.train.lr = 32 * 200, 3e-3
+    c.eval.split, c.eval.guidance = "unseen", [1.0, 2.0]
     return c
 
 
