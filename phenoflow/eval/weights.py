@@ -94,5 +94,8 @@ def save_state_dict(module: torch.nn.Module, path: str | Path) -> Path:
         save_file(state, str(tmp))
     else:
         torch.save(state, tmp)
+    from phenoflow.train.checkpoint import current_umask
+
+    tmp.chmod(0o666 & ~current_umask())  # safetensors writes 0600: honour the user's umask (shared clusters)
     tmp.replace(path)
     return path
