@@ -108,15 +108,17 @@ def test_label_remap_by_name():
 
 
 def test_atomic_writes_honour_the_umask(tmp_path):
+    from phenoflow.eval.weights import save_state_dict
     from phenoflow.train.checkpoint import save_safetensors, write_json
 
     old = os.umask(0o027)
     try:
-        a = save_safetensors({"w": torch.zeros(2)}, tmp_path / "w.safetensors")
-        b = write_json({"x": 1}, tmp_path / "m.json")
+        files = [save_safetensors({"w": torch.zeros(2)}, tmp_path / "w.safetensors"),
+                 write_json({"x": 1}, tmp_path / "m.json"),
+                 save_state_dict(torch.nn.Linear(2, 2), tmp_path / "features.safetensors")]  # converted weights
     finally:
         os.umask(old)
-    assert stat.S_IMODE(a.stat().st_mode) == 0o640 and stat.S_IMODE(b.stat().st_mode) == 0o640
+    assert [stat.S_IMODE(p.stat().st_mode) for p in files] == [0o640] * 3
 
 
 def test_expression_sample_command_writes_named_cells(expr_run, tmp_path, capsys):
