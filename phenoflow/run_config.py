@@ -131,6 +131,8 @@ def saved_config(ref: RunRef) -> Config:
 def set_location(cfg: Config, folder: Path) -> Config:
     """Point cfg.run_dir at `folder` (run.out_dir = its parent, run.name = its name)."""
     folder = Path(folder)
+    if folder.name in ("", ".", ".."):  # `--run-dir .` from inside the run folder
+        folder = folder.resolve()
     cfg.run.out_dir, cfg.run.name = str(folder.parent), folder.name
     return cfg
 
