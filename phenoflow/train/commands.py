@@ -25,6 +25,10 @@ def cmd_bench(args) -> int:
     cfg = config_from_args(args)
     if dry_run(cfg, args):
         return 0
+    if args.steps < 1 or args.warmup < 0:
+        from phenoflow.errors import ConfigError
+
+        raise ConfigError(f"bench train: --steps={args.steps} must be >= 1 and --warmup={args.warmup} >= 0")
     bench_train(cfg, steps=args.steps, warmup=args.warmup, profile_dir=args.profile, csv=args.csv)
     return 0
 
