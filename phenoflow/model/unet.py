@@ -183,6 +183,12 @@ class UNet(nn.Module):
         self.norm_out = _norm(ch, norm_groups)
         self.conv_out = _zero(conv(ch, in_channels, 3, padding=1))
 
+    @property
+    def blocks(self) -> list[nn.Module]:
+        """The residual blocks in forward order: the units the engines shard (FSDP2), recompute (activation
+        checkpointing) and compile, as the MiT's transformer blocks are (not a ModuleList: names unchanged)."""
+        return [m for m in self.modules() if isinstance(m, ResBlock)]
+
     # ---- the image model's label API (classifier-free guidance) ---------------------------------------
     @property
     def num_classes(self) -> dict[str, int]:
