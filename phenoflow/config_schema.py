@@ -146,6 +146,11 @@ class TrainConfig:
     # After each optimizer step, check the weights are finite and undo a step that made them non-finite (one
     # fused norm, ~1 ms per step on the demo preset; memory: one more fp32 copy of this rank's weights).
     weight_guard: bool = True
+    # Failure detection for multi-process runs (docs/distributed.md): a rank that died or froze ends every other
+    # rank within peer_timeout_s (heartbeats in the launcher's store; 0 = off); collective_timeout_s is the
+    # process group's timeout, the bound for a rank that is alive but never joins a collective.
+    peer_timeout_s: float = 60.0
+    collective_timeout_s: float = 1800.0
     # Finetuning (docs/finetune.md): a NEW run starts from these weights (a run folder, an export folder or a
     # consolidated latest.pt; read only through safetensors / weights_only), matched to this run's label
     # vocabularies and genes by name; optimizer state and sample count start fresh. A resumed run ignores it.

@@ -62,7 +62,7 @@ POSITIVE = [
     "model.patch_size", "model.mlp_ratio",
     "data.image_size", "data.num_perturbations", "data.num_experiments", "data.num_cell_types",
     "data.train_images", "data.samples_per_shard", "data.shuffle_buffer",
-    "train.batch_size", "train.total_samples", "train.lr", "train.max_nonfinite_steps",
+    "train.batch_size", "train.total_samples", "train.lr", "train.max_nonfinite_steps", "train.collective_timeout_s",
     "eval.rtol", "eval.atol", "eval.steps", "eval.batch_size",
 ]
 NON_NEGATIVE = [
@@ -72,7 +72,7 @@ NON_NEGATIVE = [
     "eval.ema_std", "flow.bridge_sigma", "flow.control_noise", "train.init_ema",
     "train.log_every_samples", "train.log_every_steps", "train.ckpt_every_samples", "train.ckpt_every_steps",
     "train.snapshot_every_samples", "train.snapshot_every_steps", "train.snapshot_keep", "train.peak_tflops",
-    "train.progress_every_s",
+    "train.progress_every_s", "train.peer_timeout_s",
 ]
 UNIT_INTERVAL = ["model.label_dropout", "model.proj_dropout", "train.beta1", "train.beta2"]
 

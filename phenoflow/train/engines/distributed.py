@@ -3,16 +3,23 @@ the parts every multi-process engine shares."""
 from __future__ import annotations
 
 import os
+import sys
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from phenoflow.train.engines.single import micro_and_accum
+from phenoflow.train.watchdog import start_watchdog, stop_watchdog
 
 
 def init_distributed(cfg) -> tuple[int, int, int, torch.device]:
-    """init_process_group from RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT: nccl on GPU, gloo on CPU."""
+    """init_process_group from RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT: nccl on GPU, gloo on CPU.
+
+    Failure detection (docs/distributed.md): collectives time out after train.collective_timeout_s (a rank that
+    is alive but never joins), and the peer watchdog (phenoflow/train/watchdog.py) ends every rank within
+    train.peer_timeout_s of another rank's death."""
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing and not dist.is_initialized():
         raise RuntimeError(f"train.engine={cfg.train.engine} needs a launcher (torchrun or deepspeed); "
@@ -29,8 +36,12 @@ def init_distributed(cfg) -> tuple[int, int, int, torch.device]:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
+        if use_cuda:  # an NCCL error or timeout ends the process instead of leaving it blocked
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world,
-                                device_id=device if use_cuda else None)
+                                device_id=device if use_cuda else None,
+                                timeout=timedelta(seconds=cfg.train.collective_timeout_s))
+        start_watchdog(rank, world, cfg.train.peer_timeout_s)
     return rank, world, local, device
 
 
@@ -52,6 +63,11 @@ class _DistributedMixin:
                 dist.broadcast(t.data, src=0)
 
     def close(self) -> None:
+        """End of the run. While an exception propagates (close() runs in a `finally`) there is no barrier:
+        a peer may be dead, and waiting for it is what the watchdog exists to avoid."""
+        exc = sys.exc_info()[1]
         if dist.is_initialized():
-            dist.barrier()
+            if exc is None:
+                dist.barrier()
+            stop_watchdog(exc)  # after a failed collective: names the dead rank(s) and their node
             dist.destroy_process_group()
