@@ -264,7 +264,7 @@ def test_cli_convert_prints_counts(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     commands.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["data", "convert", "generic", "--csv", str(tmp_path / "g.csv"), "--out",
-                              str(tmp_path / "out"), "--workers", "2", "--samples-per-shard", "1"])
+                              str(tmp_path / "out"), "--workers", "2", "--samples-per-shard", "1", "--json"])
     assert args.func(args) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["splits"] == {"ood": 1, "train": 2} and summary["shards"] == {"ood": 1, "train": 2}
@@ -273,7 +273,7 @@ def test_cli_convert_prints_counts(tmp_path, capsys):
     _write_csv(tmp_path / "d.csv", [{"path": f"{i}.npy", "perturbation": "control" if i == 0 else "g",
                                      "dose": "" if i == 0 else i} for i in range(3)])
     args = parser.parse_args(["data", "convert", "generic", "--csv", str(tmp_path / "d.csv"), "--out",
-                              str(tmp_path / "out2"), "--label-with-dose"])
+                              str(tmp_path / "out2"), "--label-with-dose", "--json"])
     assert args.func(args) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["label_counts"]["train"]["perturbation"] == {"control": 1, "g_1": 1, "g_2": 1}

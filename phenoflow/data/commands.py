@@ -80,12 +80,15 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         from .errors import DataError
 
         raise DataError(f"data convert {args.layout}: --csv is required")
+    from .convert_out import summary_text
+
     summary = convert(args.layout, args.csv, args.out, image_root=args.images,
                       samples_per_shard=args.samples_per_shard or 1024,
                       encoding=args.encoding, workers=args.workers, channels=args.channels,
                       bad_sample_policy=args.bad_sample_policy, seed=args.seed, image_size=args.image_size,
-                      label_with_dose=args.label_with_dose, allow_outside_images=args.allow_outside_images)
-    print(json.dumps(summary, indent=1))
+                      label_with_dose=args.label_with_dose, allow_outside_images=args.allow_outside_images,
+                      overwrite=args.overwrite)
+    print(json.dumps(summary, indent=1) if args.json else summary_text(summary))
     return 0
 
 
@@ -118,7 +121,7 @@ def _cmd_labels(args: argparse.Namespace) -> int:
 def _cmd_verify(args: argparse.Namespace) -> int:
     from .integrity import verify_shards
 
-    counts = verify_shards(args.folder, checksums=not args.no_checksums)
+    counts = verify_shards(args.folder, checksums=not args.no_checksums, progress=True)
     print(f"{args.folder}: OK " + ", ".join(f"{s}: {n} samples" for s, n in counts.items()))
     return 0
 
@@ -155,7 +158,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                        "file (anndata) to shards")
     p.add_argument("layout", choices=["cellflux", "mit", "generic", "anndata"], help="input layout")
     p.add_argument("--csv", default=None, help="metadata CSV (image layouts)")
-    p.add_argument("--images", default=None, help="image root folder (default: the CSV's folder)")
+    p.add_argument("--images", default=None,
+                   help="image root folder (default: found: the CSV's folder, its imgs/, or the imgs/ folder beside "
+                        "the CSV's folder as in the public IMPA/CellFlux layout metadata/ + imgs/)")
     p.add_argument("--out", required=True, help="output shard folder")
     p.add_argument("--samples-per-shard", type=int, default=None, help="default 1024 (images), 4096 (anndata)")
     p.add_argument("--encoding", default="raw", choices=["raw", "npy", "png"])
@@ -175,6 +180,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the row shuffle before sharding")
     p.add_argument("--allow-outside-images", action="store_true",
                    help="read image paths of the CSV that leave --images (absolute paths, '..'); refused by default")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a previous conversion in --out (its manifest, shards and label counts are deleted "
+                        "first; other files are refused); without it a non-empty --out is refused")
+    p.add_argument("--json", action="store_true",
+                   help="print the full summary as JSON (per-label counts included) instead of the short summary")
     p.add_argument("--label-with-dose", action="store_true",
                    help="a compound at each dose is its own perturbation class (label <name>_<dose>; MiT layout: "
                         "perturbation_id_with_dose), as the MiT code conditions BBBC021")

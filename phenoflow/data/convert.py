@@ -25,9 +25,13 @@ found (the conversion reads all rows) and then reported in one ConvertError nami
 reason; with bad_sample_policy="skip" they are counted per reason, logged and listed in the summary.
 CSV problems (layouts.py: ragged rows, missing values, bad doses, image paths outside the image root, duplicate
 or over-long keys, labels outside `vocab_from`) are always errors, all reported at once before any image is read.
-Conversion runs shard by shard in `workers` processes and returns counts per split and label. A conversion that
-fails (bad rows, a worker that dies or raises) removes what it wrote in `out` (shards, their temporary files), so
-`out` is left without a manifest and without partial files.
+Conversion runs shard by shard in `workers` processes (progress on stderr: phenoflow.progress) and returns counts
+per split and label; the full per-label counts also go to `out`/label_counts.csv. A conversion that fails (bad
+rows, a worker that dies or raises) removes what it wrote (shards, their temporary files), so a new `out` is left
+without a manifest and without partial files. `out` must be empty or new unless `overwrite`; a previous conversion
+there is replaced only once the new one is complete, leaving no orphan files (convert_out.py).
+Per-sample metadata (the json member) holds, besides the labels, the source key, path, perturbation name and, for
+the cellflux layout, the mechanism of action (`moa`, from ANNOT), `plate` (PLATE) and `batch` (BATCH).
 """
 from __future__ import annotations
 
@@ -36,18 +40,27 @@ import re
 import time
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .convert_out import (
+    LABEL_COUNTS,
+    abandon_output,
+    check_out,
+    finish_output,
+    start_output,
+    write_label_counts,
+)
 from .errors import ConvertError
 from .layouts import (  # noqa: F401  cellflux_candidates, CONTROL_NAMES: re-exported (public names of this module)
     CONTROL_NAMES,
     LAYOUTS,
     cellflux_candidates,
     conversion_failed,
+    find_image_root,
     problem,
     problem_line,
     read_rows,
@@ -166,17 +179,29 @@ def _convert_shard(job: dict[str, Any]) -> dict[str, Any]:
     return {"split": job["split"], "record": recs[0] if recs else None, "labels": w.label_counts, "bad": bad}
 
 
-def _run_jobs(jobs: list[dict[str, Any]], workers: int) -> list[dict[str, Any]]:
-    if workers <= 1 or len(jobs) <= 1:
-        return [_convert_shard(j) for j in jobs]
-    ex = ProcessPoolExecutor(min(workers, len(jobs)))
-    try:
-        results = list(ex.map(_convert_shard, jobs))
-    except BaseException:  # a job raised or a worker died: stop the rest before the caller cleans up
-        ex.shutdown(wait=True, cancel_futures=True)
-        raise
-    ex.shutdown(wait=True)
-    return results
+def _run_jobs(jobs: list[dict[str, Any]], workers: int, progress: bool = True) -> list[dict[str, Any]]:
+    """Every job's result, in job order; progress (phenoflow.progress) advances by each finished shard's rows."""
+    from phenoflow.progress import Progress
+
+    with Progress(sum(len(j["rows"]) for j in jobs), "convert", "images", enabled=progress) as bar:
+        if workers <= 1 or len(jobs) <= 1:
+            results = []
+            for j in jobs:
+                results.append(_convert_shard(j))
+                bar.update(len(j["rows"]))
+            return results
+        ex = ProcessPoolExecutor(min(workers, len(jobs)))
+        try:
+            futures = {ex.submit(_convert_shard, j): i for i, j in enumerate(jobs)}
+            results: list[Any] = [None] * len(jobs)
+            for fut in as_completed(futures):
+                results[futures[fut]] = fut.result()
+                bar.update(len(jobs[futures[fut]]["rows"]))
+        except BaseException:  # a job raised or a worker died: stop the rest before the caller cleans up
+            ex.shutdown(wait=True, cancel_futures=True)
+            raise
+        ex.shutdown(wait=True)
+        return results
 
 
 def _remove_outputs(out: Path, jobs: list[dict[str, Any]]) -> None:
@@ -186,7 +211,7 @@ def _remove_outputs(out: Path, jobs: list[dict[str, Any]]) -> None:
         name = f"{job['split']}-{job['shard_no']:06d}"
         for p in [out / f"{name}.tar", out / f"{name}.idx", out / f"{name}.labels.json", *out.glob(f".{name}.*tmp*")]:
             p.unlink(missing_ok=True)
-    for p in out.glob(".manifest.json.tmp*"):
+    for p in [*out.glob(".manifest.json.tmp*"), *out.glob(f".{LABEL_COUNTS}.tmp*"), out / LABEL_COUNTS]:
         p.unlink(missing_ok=True)
 
 
@@ -220,7 +245,7 @@ def convert(layout: str, csv_path: str | Path, out_dir: str | Path, *, image_roo
             channels: str | Sequence[str] | None = None, bad_sample_policy: str = "error", seed: int = 0,
             shuffle: bool = True, image_size: int = 0, control_names: Sequence[str] = CONTROL_NAMES,
             vocab_from: str | Path | None = None, label_with_dose: bool = False,
-            allow_outside_images: bool = False) -> dict[str, Any]:
+            allow_outside_images: bool = False, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """Convert a layout to shards in out_dir; returns a summary with counts per split and label and skips.
 
     label_with_dose: a compound at each dose is its own perturbation class, as in the MiT code's BBBC021
@@ -232,6 +257,13 @@ def convert(layout: str, csv_path: str | Path, out_dir: str | Path, *, image_roo
 
     allow_outside_images: read image paths of the CSV that leave `image_root` (absolute, or with `..`);
     refused by default.
+
+    image_root: the folder the CSV's image paths are relative to; None: found (layouts.find_image_root: the CSV's
+    folder, its imgs/, the parent's imgs/ as in the public IMPA/CellFlux layout, ...), or a ConvertError saying
+    to pass --images.
+
+    overwrite: `out_dir` may hold a previous conversion, which is replaced (convert_out.py); a non-empty folder is
+    refused otherwise. progress: a progress bar / periodic lines on stderr (phenoflow.progress).
     """
     t0 = time.perf_counter()
     if layout not in LAYOUTS:
@@ -239,11 +271,14 @@ def convert(layout: str, csv_path: str | Path, out_dir: str | Path, *, image_roo
     if bad_sample_policy not in ("error", "skip"):
         raise ConvertError(f"bad_sample_policy={bad_sample_policy!r} must be 'error' or 'skip'")
     csv_path, out = Path(csv_path), Path(out_dir)
-    root = Path(image_root) if image_root else csv_path.parent
+    root, no_root = find_image_root(layout, csv_path, image_root)
     rows, problems = read_rows(layout, csv_path, root, control_names, label_with_dose, allow_outside_images)
     more, given = _check_keys_and_labels(rows, csv_path, vocab_from)
     if problems or more:
         raise conversion_failed(csv_path, problems + more, f"nothing was read or written (out: {out})")
+    if no_root is not None:
+        raise no_root
+    check_out(out, overwrite)  # a non-empty folder needs --overwrite: refused before any image is read
     vocabs = given or {g: Vocab.build((r[g] for r in rows), g, first=CONTROL if g == "perturbation" else None)
                        for g in LABEL_GROUPS}
     # The expected shape: the first readable image (unreadable ones are reported with the others later).
@@ -263,11 +298,7 @@ def convert(layout: str, csv_path: str | Path, out_dir: str | Path, *, image_roo
     if len(chans) != shape[2]:
         raise ConvertError(f"{len(chans)} channel names {chans} for {shape[2]}-channel images")
     # Shards: rows of each split, shuffled by seed, cut into samples_per_shard chunks; one job per shard.
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "manifest.json").unlink(missing_ok=True)  # written last: a folder with a manifest is complete
-    for old in [*out.glob("*.tar"), *out.glob("*.idx"), *out.glob("*.labels.json")]:
-        if old.is_file():
-            old.unlink()
+    dest = start_output(out, overwrite)  # out, or a staging folder when a previous conversion is replaced
     splits = sorted({r["split"] for r in rows})
     jobs = []
     for s_i, split in enumerate(splits):
@@ -275,17 +306,19 @@ def convert(layout: str, csv_path: str | Path, out_dir: str | Path, *, image_roo
         if shuffle:
             rs = [rs[i] for i in np.random.default_rng([seed, s_i]).permutation(len(rs))]
         for j, lo in enumerate(range(0, len(rs), samples_per_shard)):
-            jobs.append({"out": str(out), "split": split, "shard_no": j, "rows": rs[lo:lo + samples_per_shard],
+            jobs.append({"out": str(dest), "split": split, "shard_no": j, "rows": rs[lo:lo + samples_per_shard],
                          "encoding": encoding, "channels": chans, "shape": shape, "policy": bad_sample_policy,
                          "csv": str(csv_path)})
     try:
-        results = _run_jobs(jobs, workers)
+        results = _run_jobs(jobs, workers, progress)
     except BaseException:
-        _remove_outputs(out, jobs)
+        _remove_outputs(dest, jobs)
+        abandon_output(dest, out)
         raise
     bad = [x for res in results for x in res["bad"]]
     if bad and bad_sample_policy == "error":
-        _remove_outputs(out, jobs)
+        _remove_outputs(dest, jobs)
+        abandon_output(dest, out)
         raise conversion_failed(csv_path, bad, f"nothing was written (out: {out}); --bad-sample-policy skip "
                                 "converts the good rows and lists these")
     records: dict[str, list[dict[str, Any]]] = {s: [] for s in splits}
@@ -305,11 +338,16 @@ def convert(layout: str, csv_path: str | Path, out_dir: str | Path, *, image_roo
     records = {s: v for s, v in records.items() if v}
     try:
         manifest = build_manifest(records, vocabs, shape, chans, encoding, label_counts, source)
-        write_manifest(out, manifest)
+        write_label_counts(dest, label_counts)
+        write_manifest(dest, manifest)
+        finish_output(dest, out)
     except BaseException:
-        _remove_outputs(out, jobs)
+        _remove_outputs(dest, jobs)
+        abandon_output(dest, out)
         raise
-    return {"out": str(out), "layout": layout, "image_shape": list(shape), "encoding": encoding,
+    counts_file = out / LABEL_COUNTS
+    return {"out": str(out), "layout": layout, "csv": str(csv_path), "image_root": str(root),
+            "image_shape": list(shape), "encoding": encoding, "label_counts_file": str(counts_file),
             "splits": {s: v["count"] for s, v in manifest["splits"].items()},
             "shards": {s: len(v["shards"]) for s, v in manifest["splits"].items()},
             "label_counts": label_counts, "skipped": len(skipped),

@@ -121,13 +121,17 @@ def _same_value(a: Any, b: Any) -> bool:
     return a == b or (isinstance(a, float) and isinstance(b, float) and np.isnan(a) and np.isnan(b))
 
 
-def verify_shards(folder: str | Path, checksums: bool = True) -> dict[str, int]:
-    """Check every shard of a manifest (see the module docstring). Returns the sample count per split."""
+def verify_shards(folder: str | Path, checksums: bool = True, progress: bool = False) -> dict[str, int]:
+    """Check every shard of a manifest (see the module docstring). Returns the sample count per split.
+    progress: a bar / periodic lines on stderr, one step per shard (phenoflow.progress; the CLI sets it)."""
+    from phenoflow.progress import Progress
+
     folder = Path(folder)
     m = load_manifest(folder)
     groups, exts = manifest_groups(m), payload_exts(m)
     names = label_columns(groups)
     counts = {}
+    bar = Progress(sum(len(s["shards"]) for s in m["splits"].values()), "verify", "shards", enabled=progress)
     for split, s in m["splits"].items():
         for rec in s["shards"]:
             p = folder / rec["name"]
@@ -148,7 +152,9 @@ def verify_shards(folder: str | Path, checksums: bool = True) -> dict[str, int]:
             if checksums and _sha256(p) != rec["sha256"]:
                 raise ShardError(f"shard {p}: sha256 differs from the manifest's (the tar changed after it was "
                                  "written)")
+            bar.update(1)
         counts[split] = s["count"]
+    bar.close()
     return counts
 
 

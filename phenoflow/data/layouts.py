@@ -145,7 +145,9 @@ def row_cellflux(r: dict[str, Any], root: Path, ctrl: set[str], with_dose: bool)
             "split": _need(r, ["SPLIT"]).strip().lower(),
             "perturbation": _label(cpd, is_control, dose, with_dose, has_dose),
             "source_perturbation": cpd, "compound": cpd, "experiment": _need(r, ["BATCH", "PLATE"]),
-            "cell_type": cell, "dose": dose, "smiles": r.get("SMILES") or None, "is_control": is_control}
+            "cell_type": cell, "dose": dose, "smiles": r.get("SMILES") or None, "is_control": is_control,
+            # kept for evaluation by mechanism of action and plate (BBBC021): ANNOT, PLATE, BATCH as written
+            "moa": r.get("ANNOT") or None, "plate": r.get("PLATE") or None, "batch": r.get("BATCH") or None}
 
 
 def row_mit(r: dict[str, Any], root: Path, ctrl: set[str], with_dose: bool) -> dict[str, Any]:
@@ -193,6 +195,56 @@ def row_generic(r: dict[str, Any], root: Path, ctrl: set[str], with_dose: bool) 
 
 
 LAYOUTS: dict[str, Callable[..., dict[str, Any]]] = {"cellflux": row_cellflux, "mit": row_mit, "generic": row_generic}
+PROBE_ROWS = 32  # rows whose images decide the image root
+
+
+def _relative_paths(layout: str, r: dict[str, Any]) -> list[str]:
+    """The image paths (relative to an image root) a CSV row may name, for finding the root."""
+    if layout == "cellflux":
+        return [r["PATH"]] if r.get("PATH") else cellflux_candidates(r.get("SAMPLE_KEY") or "")
+    return [r["path"]] if r.get("path") else []
+
+
+def root_candidates(csv_path: Path) -> list[Path]:
+    """Where the images of a CSV may live when --images is not given, in the order tried: the CSV's folder, its
+    imgs/ and images/ subfolders, and (the public IMPA/CellFlux layout: metadata/ beside imgs/) the parent's imgs/,
+    images/, the parent itself, and each folder directly inside the parent's imgs/."""
+    d = csv_path.parent
+    cands = [d, d / "imgs", d / "images", d.parent / "imgs", d.parent / "images", d.parent]
+    sub = d.parent / "imgs"
+    if sub.is_dir():
+        cands += sorted(p for p in sub.iterdir() if p.is_dir())
+    out: list[Path] = []
+    for c in cands:
+        if c not in out:
+            out.append(c)
+    return out
+
+
+def find_image_root(layout: str, csv_path: Path, given: str | Path | None) -> tuple[Path, ConvertError | None]:
+    """The image root: `given` (--images, which must be a folder), else the candidate of root_candidates(csv_path)
+    holding most of the images of the CSV's first rows. When no candidate holds any, the CSV's folder and a
+    ConvertError naming the folders tried and the option to pass (--images DIR); the caller raises it after
+    reporting the CSV's own problems."""
+    if given:
+        if not Path(given).is_dir():
+            raise ConvertError(f"--images {given}: not a folder (the image root of {csv_path})")
+        return Path(given), None
+    _, records = read_csv(csv_path)
+    probe = [(line, _relative_paths(layout, r)) for line, r in records[:PROBE_ROWS]]
+    probe = [(line, rels) for line, rels in probe if rels]
+    if not probe:  # rows without a path: read_rows reports them
+        return csv_path.parent, None
+    tried = root_candidates(csv_path)
+    counted = [(sum(any((c / rel).is_file() for rel in rels) for _, rels in probe), c) for c in tried if c.is_dir()]
+    best = max((n for n, _ in counted), default=0)
+    if best:
+        return next(c for n, c in counted if n == best), None
+    line, rels = probe[0]
+    return csv_path.parent, ConvertError(
+        f"{csv_path}: cannot find the images: none of the first {len(probe)} rows' images is in any of "
+        f"{', '.join(str(c) for c in tried)} (row {line}: looked for {', '.join(rels[:3])}). Pass the folder that "
+        "holds them with --images DIR (in the public IMPA/CellFlux download: the imgs/ folder beside metadata/)")
 
 
 def inside(root: Path, path: Path) -> bool:

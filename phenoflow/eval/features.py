@@ -49,22 +49,28 @@ def _network(name: str, eval_cfg: Any, device: torch.device) -> torch.nn.Module:
 
 @torch.no_grad()
 def _network_features(net: torch.nn.Module, images: torch.Tensor, device: torch.device,
-                      batch_size: int) -> torch.Tensor:
+                      batch_size: int, desc: str = "features", progress: bool = True) -> torch.Tensor:
     from phenoflow.eval.project import project_to_rgb
+    from phenoflow.progress import Progress
 
     out = []
-    for i in range(0, images.shape[0], batch_size):
-        rgb = project_to_rgb(images[i:i + batch_size].to(device))  # (B, 3, H, W) on [0, 1]
-        out.append(net(rgb).double().cpu())
+    with Progress(images.shape[0], desc, "images", enabled=progress) as bar:
+        for i in range(0, images.shape[0], batch_size):
+            rgb = project_to_rgb(images[i:i + batch_size].to(device))  # (B, 3, H, W) on [0, 1]
+            out.append(net(rgb).double().cpu())
+            bar.update(rgb.shape[0])
     return torch.cat(out)
 
 
 def extract(name: str, images: torch.Tensor, eval_cfg: Any, device: str | torch.device = "cpu",
-            batch_size: int = 64) -> torch.Tensor:
-    """(N, C, H, W) uint8 images -> (N, F) float64 features of the named set."""
+            batch_size: int = 64, progress: bool = True) -> torch.Tensor:
+    """(N, C, H, W) uint8 images -> (N, F) float64 features of the named set. Networks show their progress on
+    stderr (a bar on a terminal, periodic lines elsewhere: phenoflow.progress) unless `progress` is False."""
     if name not in FEATURE_SETS:
         raise ValueError(f"unknown feature set {name!r} (known: {list(FEATURE_SETS)})")
     if name == "morphology":
         return morphology_features(images)[0]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        progress = progress and torch.distributed.get_rank() == 0  # one progress display per job
     return _network_features(_network(name, eval_cfg, torch.device(device)), images, torch.device(device),
-                             batch_size)
+                             batch_size, f"{name} features", progress)
