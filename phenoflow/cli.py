@@ -7,6 +7,7 @@
     phenoflow evaluate --run-dir runs/demo           score a run (its own config, vocabularies and weights)
     phenoflow sample --run-dir runs/demo --perturbation gene_01 -n 16
     phenoflow data synth|convert|plan ...
+    phenoflow weights import inception|dinov2 FILE    feature-network weights for evaluation (docs/eval.md)
 Every command that takes a config accepts --preset NAME or --config FILE.yaml plus dotted overrides
 (section.field=value); given a run folder (--run-dir) it takes the run's saved config instead.
 Also runs as `python -m phenoflow`.
@@ -187,11 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     # Subcommands owned by their packages.
     from phenoflow.data import commands as data_commands
     from phenoflow.eval import commands as eval_commands
+    from phenoflow.eval import weights_commands
     from phenoflow.train import commands as train_commands
 
     data_commands.register(sub)
     eval_commands.register(sub)
     train_commands.register(sub)
+    weights_commands.register(sub)
     _add_debug_everywhere(parser)
     user_parser_rules(parser)  # no abbreviated options (--split is not --splits), defaults shown in --help
     return parser

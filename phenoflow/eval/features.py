@@ -2,7 +2,8 @@
 
 `extract(name, images, eval_cfg, device)` maps uint8 (N, C, H, W) images (C = 3 or 6) to (N, F) float64 features.
 RGB networks see the 6 -> 3 projection of phenoflow.eval.project. Networks load their weights from the local
-path in the eval config (eval.inception_weights / eval.dinov2_weights); nothing is downloaded.
+path in the eval config (eval.inception_weights / eval.dinov2_weights), else the file imported with
+`phenoflow weights import` (phenoflow.eval.weights_import); nothing is downloaded.
 """
 from __future__ import annotations
 
@@ -20,10 +21,18 @@ class FeatureUnavailable(RuntimeError):
 
 
 def weights_path(name: str, eval_cfg: Any) -> str:
+    """eval.<name>_weights, or when empty the file `phenoflow weights import <name> FILE` wrote to the weights
+    folder (phenoflow.eval.weights_import.default_path); FeatureUnavailable saying how to get one otherwise."""
     path = {"inception": eval_cfg.inception_weights, "dinov2": eval_cfg.dinov2_weights}.get(name, "")
     if not path:
-        raise FeatureUnavailable(f"eval.{name}_weights is not set (a local weights file is needed; nothing is "
-                                 f"downloaded)")
+        from phenoflow.eval.weights_import import PUBLISHED, default_path
+
+        imported = default_path(name)
+        if imported.is_file():
+            return str(imported)
+        raise FeatureUnavailable(f"eval.{name}_weights is not set and no imported file is at {imported} (nothing "
+                                 f"is downloaded: get {PUBLISHED[name].file_name} and run `phenoflow weights import "
+                                 f"{name} FILE`, see docs/eval.md)")
     return path
 
 
