@@ -213,7 +213,12 @@ def check_finetune(cfg: Any) -> None:
 
 
 def validate(cfg: Any) -> Any:
-    """Check a Config (phenoflow.config.Config) in place; returns it. Raises ConfigError naming the field."""
+    """Check a Config (phenoflow.config.Config) in place; returns it. Raises ConfigError naming the field.
+    First, values that come from the data's manifest (data.image_size/channels 0, eval.split "") are filled in
+    (phenoflow.manifest_defaults)."""
+    from phenoflow.manifest_defaults import fill_from_manifest
+
+    fill_from_manifest(cfg)
     check_finite(cfg)
     for key, choices in CHOICES.items():
         if _get(cfg, key) not in choices:

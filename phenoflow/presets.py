@@ -43,11 +43,18 @@ def _demo() -> Config:
 
 @preset("mit-xl2-rxrx1")
 def _rxrx1() -> Config:
-    """The paper's RxRx1 run: MiT-XL/2, 96x96x6, batch 256, 150k steps, Adam 1e-4, clip 0.5, EMA."""
+    """The paper's RxRx1 run: MiT-XL/2, 96x96x6, batch 256, 150k steps, Adam 1e-4, clip 0.5, EMA.
+
+    Data: the public CellFlux/IMPA RxRx1 layout converted with `phenoflow data convert cellflux` (96x96x6 crops,
+    splits train / test: evaluated on test). Shape and splits are checked against the manifest before any work;
+    data.image_size=0, data.channels=0 and eval.split= (empty) take them from it (phenoflow/manifest_defaults.py),
+    e.g. eval.split= for the MiT CSV's iid split."""
     c = Config()
     c.run.name = "mit-xl2-rxrx1"
     c.data.source = "shards"
     c.data.shards = "data/rxrx1"
+    c.data.image_size, c.data.channels = 96, 6
+    c.eval.split = "test"
     c.eval.guidance = [1.0, 1.5, 2.0]
     c.eval.features = ["inception", "dinov2", "morphology"]
     return c

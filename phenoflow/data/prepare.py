@@ -110,8 +110,10 @@ def prepare_data(cfg: Config, workers: int | None = None) -> Path:
             raise ConfigError(f"data.shards={d.shards!r}: {e}") from e
         h, w, c = m["image_shape"]
         if (h, w) != (d.image_size, d.image_size):
-            raise ConfigError(f"data.image_size={d.image_size} but the shards in {folder} hold {h}x{w} images")
+            raise ConfigError(f"data.image_size={d.image_size} but the shards in {folder} hold {h}x{w} images: set "
+                              f"data.image_size={h} (or 0: the manifest's)")
         if c != d.channels:
-            raise ConfigError(f"data.channels={d.channels} but the shards in {folder} hold {c}-channel images")
+            raise ConfigError(f"data.channels={d.channels} but the shards in {folder} hold {c}-channel images: set "
+                              f"data.channels={c} (or 0: the manifest's)")
         return folder
     raise ConfigError(f"data.source={d.source!r} is not one of ['synthetic', 'shards']")

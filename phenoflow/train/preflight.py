@@ -71,9 +71,11 @@ def check_data(cfg: Any, world_size: int, summary: dict[str, Any], evaluate: boo
     h, w, c = summary["image_shape"]
     where = summary["where"]
     if (h, w) != (d.image_size, d.image_size):
-        raise ConfigError(f"data.image_size={d.image_size} but {where} hold {h}x{w} images")
+        raise ConfigError(f"data.image_size={d.image_size} but {where} hold {h}x{w} images: set "
+                          f"data.image_size={h} (or 0: the manifest's, phenoflow.manifest_defaults)")
     if c != d.channels:
-        raise ConfigError(f"data.channels={d.channels} but {where} hold {c}-channel images")
+        raise ConfigError(f"data.channels={d.channels} but {where} hold {c}-channel images: set data.channels={c} "
+                          "(or 0: the manifest's)")
     for group, name in LABEL_FIELDS:
         n_cfg, n_data = getattr(m, name), summary["vocab_sizes"].get(group, 0)
         if n_cfg and n_data > n_cfg:
@@ -98,7 +100,9 @@ def check_eval_splits(summary: dict[str, Any], splits: list[str]) -> None:
     for split in splits:
         if not counts.get(split):
             have = sorted(s for s, n in counts.items() if n)
-            raise ConfigError(f"eval.split={split!r} has no images in {summary['where']} (splits with images: {have})")
+            raise ConfigError(f"eval.split={split!r} has no images in {summary['where']} (splits with images: {have}); "
+                              "set eval.split to one of them, or eval.split= (empty) for the manifest's held-out "
+                              "split")
 
 
 def check_resume_files(cfg: Any) -> None:
