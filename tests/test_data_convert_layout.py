@@ -104,7 +104,10 @@ def test_summary_label_counts_file_and_progress(tmp_path, capsys, monkeypatch):
     assert "converted 28 images (96x96x3, raw)" in lines[0]
     assert "splits: test 8 (2 shards), train 20 (6 shards)" in r.stdout
     assert "perturbation: 3 labels; top: control 10, AZ138 9, taxol 9" in r.stdout
-    assert "skipped 2 bad rows (missing file 2)" in r.stdout
+    assert f"skipped 2 bad rows (missing file 2), listed in {out / 'skipped_rows.csv'}" in r.stdout
+    with open(out / "skipped_rows.csv") as f:
+        assert [(x["row"], x["value"]) for x in csv.DictReader(f)] == [
+            ("6", "Week1_22120_4_11_3.0"), ("7", "Week1_22121_5_11_3.0")]
     assert str(out / "label_counts.csv") in r.stdout
     with open(out / "label_counts.csv") as f:
         table = list(csv.DictReader(f))

@@ -48,11 +48,13 @@ import numpy as np
 
 from .convert_out import (
     LABEL_COUNTS,
+    SKIPPED_ROWS,
     abandon_output,
     check_out,
     finish_output,
     start_output,
     write_label_counts,
+    write_skipped_rows,
 )
 from .errors import ConvertError
 from .layouts import (  # noqa: F401  cellflux_candidates, CONTROL_NAMES: re-exported (public names of this module)
@@ -211,7 +213,8 @@ def _remove_outputs(out: Path, jobs: list[dict[str, Any]]) -> None:
         name = f"{job['split']}-{job['shard_no']:06d}"
         for p in [out / f"{name}.tar", out / f"{name}.idx", out / f"{name}.labels.json", *out.glob(f".{name}.*tmp*")]:
             p.unlink(missing_ok=True)
-    for p in [*out.glob(".manifest.json.tmp*"), *out.glob(f".{LABEL_COUNTS}.tmp*"), out / LABEL_COUNTS]:
+    for p in [*out.glob(".manifest.json.tmp*"), *out.glob(f".{LABEL_COUNTS}.tmp*"), out / LABEL_COUNTS,
+              *out.glob(f".{SKIPPED_ROWS}.tmp*"), out / SKIPPED_ROWS]:
         p.unlink(missing_ok=True)
 
 
@@ -329,8 +332,10 @@ def convert(layout: str, csv_path: str | Path, out_dir: str | Path, *, image_roo
             records[res["split"]].append(res["record"])
         for g in LABEL_GROUPS:
             counts[res["split"]][g].update(res["labels"][g])
-    for x in skipped:
+    for x in skipped[:10]:
         log.warning("skipped bad sample: %s", x["message"])
+    if len(skipped) > 10:
+        log.warning("... and %d more skipped bad samples (all in %s)", len(skipped) - 10, out / SKIPPED_ROWS)
     label_counts = {s: {g: dict(sorted(c.items())) for g, c in v.items()} for s, v in counts.items()}
     source = {"kind": "convert", "layout": layout, "csv": str(csv_path), "image_root": str(root), "seed": seed,
               "shuffle": shuffle, "skipped": len(skipped),
@@ -339,6 +344,8 @@ def convert(layout: str, csv_path: str | Path, out_dir: str | Path, *, image_roo
     try:
         manifest = build_manifest(records, vocabs, shape, chans, encoding, label_counts, source)
         write_label_counts(dest, label_counts)
+        if bad:
+            write_skipped_rows(dest, bad)
         write_manifest(dest, manifest)
         finish_output(dest, out)
     except BaseException:
@@ -348,6 +355,7 @@ def convert(layout: str, csv_path: str | Path, out_dir: str | Path, *, image_roo
     counts_file = out / LABEL_COUNTS
     return {"out": str(out), "layout": layout, "csv": str(csv_path), "image_root": str(root),
             "image_shape": list(shape), "encoding": encoding, "label_counts_file": str(counts_file),
+            "skipped_file": str(out / SKIPPED_ROWS) if bad else None,
             "splits": {s: v["count"] for s, v in manifest["splits"].items()},
             "shards": {s: len(v["shards"]) for s, v in manifest["splits"].items()},
             "label_counts": label_counts, "skipped": len(skipped),

@@ -29,7 +29,8 @@ from typing import Any
 from .errors import ConvertError
 
 LABEL_COUNTS = "label_counts.csv"
-_OUTPUT = re.compile(r"^(manifest\.json|label_counts\.csv|[A-Za-z0-9_\-]+-\d{6}\.(tar|idx|labels\.json)"
+SKIPPED_ROWS = "skipped_rows.csv"  # with --bad-sample-policy skip: every skipped row (csv, row, column, value, reason)
+_OUTPUT = re.compile(r"^(manifest\.json|label_counts\.csv|skipped_rows\.csv|[A-Za-z0-9_\-]+-\d{6}\.(tar|idx|labels\.json)"
                      r"|\..*tmp.*|\.manifest\.json\.tmp.*)$")
 _STAGING = re.compile(r"^\.convert-\d+$")  # a staging folder (of a conversion that crashed: deleted too)
 
@@ -121,6 +122,19 @@ def write_label_counts(out: Path, label_counts: dict[str, dict[str, dict[str, in
     return path
 
 
+def write_skipped_rows(out: Path, problems: list[dict[str, Any]]) -> Path:
+    """skipped_rows.csv: one line per skipped bad row (csv, row, column, value, reason), in row order."""
+    path = out / SKIPPED_ROWS
+    tmp = out / f".{SKIPPED_ROWS}.tmp{os.getpid()}"
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["csv", "row", "column", "value", "reason"])
+        for p in sorted(problems, key=lambda p: p["row"]):
+            w.writerow([p["csv"], p["row"], p["column"], p["value"], p["reason"]])
+    tmp.replace(path)
+    return path
+
+
 def summary_text(s: dict[str, Any], top: int = 5) -> str:
     """The short summary of a conversion for people (counts per split, top labels, skipped rows, files)."""
     h, w, c = s["image_shape"]
@@ -141,7 +155,8 @@ def summary_text(s: dict[str, Any], top: int = 5) -> str:
                      + ", ".join(f"{k} {v:,}" for k, v in best) + more)
     if s["skipped"]:
         reasons = ", ".join(f"{r} {k}" for r, k in sorted(s["skipped_by_reason"].items()))
-        lines.append(f"  skipped {s['skipped']:,} bad rows ({reasons}); first: {s['skipped_samples'][0]}")
+        lines.append(f"  skipped {s['skipped']:,} bad rows ({reasons}), listed in {s['skipped_file']}; first: "
+                     f"{s['skipped_samples'][0]}")
     else:
         lines.append("  skipped rows: none")
     lines.append(f"  per-label counts of every split: {s['label_counts_file']}")
