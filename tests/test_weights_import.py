@@ -50,7 +50,7 @@ def _images(n: int = 2, size: int = 40) -> torch.Tensor:
     return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(1))
 
 
-def test_inception_import_round_trip_and_checksum(tmp_path, monkeypatch):
+def test_inception_import_round_trip_and_checksum(tmp_path, monkeypatch, capsys):
     net, src = _published_inception(tmp_path)
     wdir = tmp_path / "weights"
     # The fake is not the published file: its checksum is refused, naming the file and both digests.
@@ -74,7 +74,19 @@ def test_inception_import_round_trip_and_checksum(tmp_path, monkeypatch):
     from phenoflow.eval.features import weights_path
 
     monkeypatch.setenv("PHENOFLOW_WEIGHTS_DIR", str(wdir))
-    assert weights_path("inception", resolve("demo", []).eval) == str(out)
+    cfg = resolve("demo", [])
+    assert weights_path("inception", cfg.eval) == str(out)
+    # ... and extracts features with it, showing progress (plain lines when stderr is not a terminal).
+    from phenoflow.eval.features import extract
+
+    monkeypatch.setenv("PHENOFLOW_PROGRESS_S", "0")
+    capsys.readouterr()
+    u8 = (x * 255).round().to(torch.uint8)
+    with torch.no_grad():
+        feats = extract("inception", u8, cfg.eval, batch_size=1)
+    err = capsys.readouterr().err
+    assert feats.shape == (2, 2048) and torch.allclose(feats.float(), net(x), atol=1e-4)
+    assert "[inception features] 0/2 images" in err and "[inception features] 2/2 images" in err, err
     # A second import refuses to replace it unless --overwrite.
     r = _phenoflow("weights", "import", "inception", str(src), "--sha256", digest, weights_dir=wdir)
     assert r.returncode == 2 and "--overwrite" in r.stderr
