@@ -167,6 +167,8 @@ class EvalConfig:
     steps: int = 50  # for fixed-step solvers
     guidance: list[float] = field(default_factory=lambda: [1.0])  # w = 1: no guidance
     guidance_groups: list[str] = field(default_factory=lambda: ["perturbation"])
+    # Expression: reference baselines scored beside the model (eval/expression/baselines.py): control, additive.
+    baselines: list[str] = field(default_factory=lambda: ["control", "additive"])
     split: str = "val"
     batch_size: int = 64
     max_images: int = 0  # 0 = every real image of the split

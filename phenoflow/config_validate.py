@@ -247,6 +247,9 @@ def validate(cfg: Any) -> Any:
         raise ConfigError(f"eval.ema_std={cfg.eval.ema_std} is not one of train.ema_stds={cfg.train.ema_stds}")
     if not cfg.eval.guidance or any(w < 0 for w in cfg.eval.guidance):
         raise ConfigError(f"eval.guidance={cfg.eval.guidance} must be a non-empty list of values >= 0")
+    for b in cfg.eval.baselines:
+        if b not in ("control", "additive"):
+            raise ConfigError(f"eval.baselines entry {b!r} is not control or additive")
     for g in cfg.eval.guidance_groups:
         if g not in ("perturbation", "experiment", "cell_type"):
             raise ConfigError(f"eval.guidance_groups entry {g!r} is not perturbation, experiment or cell_type")

@@ -92,6 +92,12 @@ def test_metric_table_has_every_metric_and_the_report_its_files(evaluated):
         assert (evaluated / "report" / f).is_file(), f
     md = (evaluated / "report" / "metrics.md").read_text()
     assert "| rmse | average |" in md and "vcc:cell-eval" in md and "energy_distance" in md
+    # The reference baselines, scored the same way, as columns beside the model.
+    assert "| w=1 | w=2 | control baseline | additive baseline |" in md
+    for name in ("control", "additive"):
+        table = pd.read_csv(evaluated / "report" / f"metrics_baseline_{name}.csv")
+        assert set(table["metric"]) == want and np.isfinite(table["value"]).all()
+        assert (evaluated / "report" / "predictions" / f"pred_baseline_{name}.h5ad").is_file()
 
 
 def test_identical_prediction_scores_best(evaluated):

@@ -4,6 +4,8 @@ For every guidance strength w in cfg.eval.guidance the split's predictions are s
 report_dir (default run_dir/report) receives:
   predictions/real_<split>.h5ad, predictions/pred_w<w>.h5ad   the pair cell-eval reads (generate.py)
   metrics_w<w>.csv      the tidy table (metric, aggregation, covariate, perturbation, value, convention)
+  predictions/pred_baseline_<name>.h5ad, metrics_baseline_<name>.csv   the reference baselines of
+                        cfg.eval.baselines (baselines.py: control, additive), scored the same way
   summary.csv           summarize() of every w: the mean over (covariate, perturbation) groups
   metrics.md            the summary table with the conventions, the run's solver settings and the figures
   pca_w<w>.png          real vs generated cells on the reference's first two principal components, one small
@@ -145,16 +147,39 @@ def plot_loss(run_dir: Path, path: Path) -> Path | None:
     return path
 
 
-def summary_markdown(summary, ws: list[float]) -> str:
-    """One row per (metric, aggregation): the mean over groups for each w, the group count and the convention."""
-    head = "| metric | aggregation | " + " | ".join(f"w={w:g}" for w in ws) + " | groups | convention |"
-    lines = [head, "|" + "---|" * (len(ws) + 4)]
+def summary_markdown(summary, columns: list[str]) -> str:
+    """One row per (metric, aggregation): the mean over groups for each column of `summary["source"]` (the model
+    at each w, then the baselines), the group count and the convention."""
+    head = "| metric | aggregation | " + " | ".join(columns) + " | groups | convention |"
+    lines = [head, "|" + "---|" * (len(columns) + 4)]
     for (metric, agg, conv), g in summary.groupby(["metric", "aggregation", "convention"], sort=False):
-        vals = {float(r.w): r.mean for r in g.itertuples()}
-        cells = " | ".join(f"{vals[w]:.4g}" if w in vals else "" for w in ws)
+        vals = {str(r.source): r.mean for r in g.itertuples()}
+        cells = " | ".join(f"{vals[c]:.4g}" if c in vals else "" for c in columns)
         conv = str(conv).replace("|", "\\|")  # a pipe inside a cell would end it
         lines.append(f"| {metric} | {agg} | {cells} | {int(g['n_perturbations'].iloc[0])} | {conv} |")
     return "\n".join(lines)
+
+
+def score_baselines(cfg: Config, s: dict, out_dir: Path, seed: int = 0) -> list[tuple[str, Path, dict]]:
+    """Write pred_baseline_<name>.h5ad for each of cfg.eval.baselines (baselines.py) -> [(name, path, info)]."""
+    if not cfg.eval.baselines:
+        return []
+    from phenoflow.data.shards import load_manifest
+
+    from .baselines import baseline_split
+    from .generate import control_sources, prediction_anndata, read_split
+
+    cells = s["cells"]
+    train = read_split(s["data_dir"], "train", checksums=cfg.data.checksums) if s["split"] != "train" else cells
+    sources = control_sources(cells, train)
+    sep = load_manifest(s["data_dir"])["columns"].get("separator") or "+"
+    out = []
+    for name in cfg.eval.baselines:
+        x, src, info = baseline_split(name, cells, sources, train, seed=seed, upper=s["clamp"][1], separator=sep)
+        path = out_dir / f"pred_baseline_{name}.h5ad"
+        prediction_anndata(cells, x, src, {**info, "split": s["split"], "seed": seed}).write_h5ad(path)
+        out.append((name, path, info))
+    return out
 
 
 def evaluate_expression_run(cfg: Config, run_dir: str | Path | None = None, report_dir: str | Path | None = None,
@@ -186,12 +211,24 @@ def evaluate_expression_run(cfg: Config, run_dir: str | Path | None = None, repo
         table.to_csv(report_dir / f"metrics_w{w:g}.csv", index=False)
         summ = summarize(table)
         summ.insert(0, "w", float(w))
+        summ.insert(0, "source", f"w={w:g}")
         summaries.append(summ)
         tag = f"w{w:g}"
         figures.append(plot_pca(real, pred, cells.pert_col, cells.control, cov_cols, report_dir / f"pca_{tag}.png",
                                 f"w = {w:g}").name)
         figures.append(plot_mean_shift(real, pred, cells.pert_col, cells.control, cov_cols,
                                        report_dir / f"mean_shift_{tag}.png", f"w = {w:g}").name)
+    columns = [f"w={w:g}" for w in ws]
+    for name, path, info in score_baselines(cfg, s, report_dir / "predictions", seed):
+        table = evaluate_expression(anndata.read_h5ad(path), real, **kw)
+        table.to_csv(report_dir / f"metrics_baseline_{name}.csv", index=False)
+        summ = summarize(table)
+        summ.insert(0, "w", float("nan"))
+        summ.insert(0, "source", f"{name} baseline")
+        summaries.append(summ)
+        columns.append(f"{name} baseline")
+        if info["unseen_components"]:
+            log.info("%s baseline: components never trained (no effect added): %s", name, info["unseen_components"])
     summary = pd.concat(summaries, ignore_index=True)
     summary.to_csv(report_dir / "summary.csv", index=False)
     loss = plot_loss(run_dir, report_dir / "loss.png")
@@ -212,7 +249,11 @@ def evaluate_expression_run(cfg: Config, run_dir: str | Path | None = None, repo
           "convention), `vcc:real_controls` the real ones. Lower is better for rmse, mae, energy_distance, mmd, "
           "rbf_mmd2 and every *_rank (0 best, ~0.5 random); higher for cosine, r2_score, top_k_recall, "
           "discrimination_score_l1 and overlap_at_N."), "",
-          summary_markdown(summary, ws), "",
+          ("Baselines (same cells, same metrics; `baselines.py`): `control` predicts the matched real control "
+          "cells (no effect); `additive` shifts them by the sum of each component's mean effect on the training "
+          "split (PerturBench's additive baseline). A model is useful where it beats both."
+          if len(columns) > len(ws) else ""), "",
+          summary_markdown(summary, columns), "",
           ("Per-group values: `metrics_w<w>.csv`. Score the same files with cell-eval: `cell-eval run -ap "
           f"predictions/pred_w{ws[0]:g}.h5ad -ar predictions/{s['real'].name} --profile vcc --pert-col "
           f"{cells.pert_col} --control-pert {cells.control}`."), "", "## Figures", ""]
