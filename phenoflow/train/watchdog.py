@@ -63,7 +63,9 @@ class Watchdog:
         run = os.environ.get("TORCHELASTIC_RUN_ID", "") + "/" + os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         self.prefix = f"{PREFIX}/{run}/{_GENERATION}/"
         self.me = describe_self(rank)
-        self._stop = threading.Event()
+        self.pid = os.getpid()  # forked children (data loader workers) inherit the handler: not theirs
+        self._stop = threading.Event()  # ends the thread
+        self._left = False  # this rank's exit mark is written
         self._thread: threading.Thread | None = None
         self.store = None
 
@@ -89,9 +91,11 @@ class Watchdog:
         """SIGTERM outside the training loop (whose handler turns it into a checkpoint request): the launcher
         is stopping this rank because another failed. Say so in the store (peers naming the dead rank leave
         this one out), then die of the signal as before."""
-        self._stop.set()
-        with contextlib.suppress(Exception):
-            self.store.add(self._key("exit", self.rank), 3)
+        if os.getpid() == self.pid and not self._left:
+            self._left = True
+            self._stop.set()
+            with contextlib.suppress(Exception):
+                self.store.add(self._key("exit", self.rank), 3)
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
 
@@ -99,8 +103,9 @@ class Watchdog:
         """This rank leaves (close() or interpreter exit): peers stop watching its heartbeat. After a failure
         (an exception other than a requeue), a peer still running `timeout_s` later is stuck waiting for this
         rank and ends itself."""
-        if self._thread is None or self._stop.is_set():
+        if self._thread is None or self._left or os.getpid() != self.pid:
             return
+        self._left = True
         self._stop.set()
         with contextlib.suppress(Exception):  # the store's node may be gone already; nothing to tell then
             self.store.add(self._key("exit", self.rank), 2 if failed else 1)
@@ -175,7 +180,7 @@ class Watchdog:
             now = time.monotonic()
             for r, m in marks.items():
                 if m:
-                    exited[r] = now if m >= 2 else float("inf")  # a normal exit is never waited for
+                    exited[r] = now if m == 2 else float("inf")  # 1 normal exit, 3 stopped by its launcher
             for r in peers:
                 if beats[r] != seen[r][0]:
                     seen[r] = (beats[r], now)
@@ -233,6 +238,5 @@ def stop_watchdog(exc: BaseException | None = None) -> None:
     if _ACTIVE is not None:
         if is_collective_failure(exc):
             _ACTIVE.diagnose(exc)
-        _ACTIVE._stop.clear()
         _ACTIVE.stop(exc is not None and getattr(exc, "exit_code", None) != 75)
         _ACTIVE = None
