@@ -188,3 +188,20 @@ def test_crash_while_replacing_leaves_no_manifest(tmp_path, capsys, monkeypatch)
     # Rerunning with --overwrite cleans up the staging folder of the crashed run.
     assert _main(capsys, monkeypatch, *base, "--overwrite")[0] == 0
     assert not [f for f in _files(out) if f.startswith(".")]
+
+
+def test_anndata_convert_refuses_a_non_empty_out_and_overwrite_leaves_no_orphans(tmp_path, capsys, monkeypatch):
+    h5ad = Path(__file__).parent / "data" / "perturbench_devel.h5ad"
+    out = tmp_path / "expr"
+    base = ["data", "convert", "anndata", "--h5ad", str(h5ad), "--out", str(out), "--columns",
+            "covariates=cell_type,treatment"]
+    assert _main(capsys, monkeypatch, *base, "--samples-per-shard", "1000")[0] == 0
+    before = sorted(p.name for p in out.iterdir())
+    assert "train-000005.tar" in before
+    code, _, err = _main(capsys, monkeypatch, *base)
+    assert code == 2 and "is not empty" in err and "--overwrite" in err, err[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert _main(capsys, monkeypatch, *base, "--overwrite")[0] == 0
+    m = json.loads((out / "manifest.json").read_text())
+    listed = {rec[k] for s in m["splits"].values() for rec in s["shards"] for k in ("name", "index", "labels")}
+    assert _files(out) == listed | {"manifest.json"} and "train-000005.tar" not in listed

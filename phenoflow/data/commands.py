@@ -72,7 +72,11 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert
 
     if args.layout == "anndata":  # h5ad -> expression shards (expression_shards.py)
+        from .convert_out import clear_previous
         from .expression_shards import convert_cli
+
+        # A non-empty --out needs --overwrite, which deletes the previous conversion first (not staged here).
+        clear_previous(Path(args.out), args.overwrite)
 
         print(json.dumps(convert_cli(args), indent=1))
         return 0

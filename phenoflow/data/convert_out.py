@@ -64,6 +64,14 @@ def check_out(out: Path, overwrite: bool) -> None:
                            "choose another folder. Nothing was deleted")
 
 
+def clear_previous(out: Path, overwrite: bool) -> None:
+    """check_out, then delete a previous conversion's files in place (manifest.json first): for converters that
+    write straight into `out` (anndata); the image converters stage instead (start_output)."""
+    check_out(out, overwrite)
+    if out.is_dir():
+        _clear(out)
+
+
 def _clear(out: Path, keep: str = "") -> None:
     """Delete a previous conversion's files in `out` (manifest.json first), except the entry `keep`."""
     (out / "manifest.json").unlink(missing_ok=True)  # first: the folder is now clearly incomplete
