@@ -65,7 +65,7 @@ PUBLISHED = {
 def weights_dir() -> Path:
     """Where imported weights go by default and where evaluation looks when eval.*_weights is empty."""
     env = os.environ.get("PHENOFLOW_WEIGHTS_DIR", "")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "phenoflow" / "weights"
+    return Path(os.path.expanduser(env or "~/.cache/phenoflow/weights"))  # no HOME: "~" stays, never an error
 
 
 def default_path(kind: str) -> Path:
