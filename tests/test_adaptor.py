@@ -100,6 +100,11 @@ def test_onehot_and_adaptor_coexist_and_dose_matters():
     assert s.tolist() == pytest.approx([0.0, 0.0, 0.5, 1.0, 1.0])
     lab2 = dict(lab, dose=torch.full((6,), 1.0))
     assert not torch.allclose(m(x, t, lab2)[1], v2[1])
+    # mol.dose_log: the stored range is on the log1p scale and the dose is mapped the same way.
+    m.mol_adaptor.dose_log.fill_(1.0)
+    m.mol_adaptor.dose_range.copy_(torch.log1p(torch.tensor([0.1, 3.0])))
+    s = m.mol_adaptor.scaled_dose(torch.tensor([0.1, 3.0, float(np.expm1((np.log1p(0.1) + np.log1p(3.0)) / 2))]), 3, "cpu")
+    assert s.tolist() == pytest.approx([0.0, 1.0, 0.5], abs=1e-6)
 
 
 def test_export_round_trip_rebuilds_the_adaptor(tmp_path):
@@ -108,7 +113,7 @@ def test_export_round_trip_rebuilds_the_adaptor(tmp_path):
     m, cfg = make()
     perturb(m)
     state = {k: v.contiguous() for k, v in m.state_dict().items()}
-    assert {"mol_adaptor.table", "mol_adaptor.has_molecule", "mol_adaptor.dose_range"} <= set(state)
+    assert {"mol_adaptor.table", "mol_adaptor.has_molecule", "mol_adaptor.dose_range", "mol_adaptor.dose_log"} <= set(state)
     save_file(state, tmp_path / "w.safetensors")
     loaded = load_file(tmp_path / "w.safetensors")
     fresh = build_model(cfg, {"perturbation": N_PERT, "experiment": 2})

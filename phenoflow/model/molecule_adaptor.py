@@ -4,6 +4,7 @@ perturbation embedding of the MiT's conditioning vector c.
 For a perturbation id y with molecule vector m_y (a row of the run's molecule table: Morgan fingerprint or a
 precomputed embedding, width F) and dose d:
     s     = clamp((d - d_min) / (d_max - d_min), 0, 1)          min-max scaled dose; (d_min, d_max) stored here (1)
+            (with mol.dose_log, d is log1p(dose) and the range is on that scale; the flag is stored too)
     c_d   = Linear(D, D)(SiLU(Linear(256, D)(phi(1000 s))))     sinusoidal dose embedding (conditioning.py (2)) (2)
     h_0   = Linear(F -> D)(m_y)                                 one token, (B, 1, D)                          (3)
     h_k   = MiTBlock_k(h_{k-1}, c_d),  k = 1..depth             adaLN-modulated by the dose only (mit.py)      (4)
@@ -40,7 +41,7 @@ PREFIX = "mol_adaptor."
 class MoleculeAdaptor(nn.Module):
     def __init__(self, table: Tensor, has_molecule: Tensor, dose_range: tuple[float, float], hidden: int,
                  depth: int = 6, num_heads: int = 4, mlp_ratio: float = 4.0, proj_dropout: float = 0.0,
-                 kernels: str = "torch", attn_backend: str = "auto"):
+                 kernels: str = "torch", attn_backend: str = "auto", dose_log: bool = False):
         super().__init__()
         n, width = table.shape
         if has_molecule.shape != (n,):
@@ -48,6 +49,7 @@ class MoleculeAdaptor(nn.Module):
         self.register_buffer("table", table.detach().float().clone())
         self.register_buffer("has_molecule", has_molecule.detach().bool().clone())
         self.register_buffer("dose_range", torch.tensor([float(dose_range[0]), float(dose_range[1])]))
+        self.register_buffer("dose_log", torch.tensor(float(dose_log)))
         shape = MiTShape(hidden_size=hidden, num_heads=num_heads, mlp_ratio=mlp_ratio, proj_dropout=proj_dropout,
                          long_skip=False, kernels=kernels, attn_backend=attn_backend)
         self.embed_in = nn.Linear(width, hidden)                                   # (3)
@@ -78,7 +80,9 @@ class MoleculeAdaptor(nn.Module):
         if dose is None:
             return torch.zeros(batch, device=device)
         lo, hi = self.dose_range[0], self.dose_range[1]
-        return ((dose.float().reshape(batch) - lo) / (hi - lo).clamp_min(1e-12)).clamp(0.0, 1.0)
+        d = dose.float().reshape(batch)
+        d = torch.where(self.dose_log > 0, torch.log1p(d.clamp_min(0.0)), d)
+        return ((d - lo) / (hi - lo).clamp_min(1e-12)).clamp(0.0, 1.0)
 
     def embed(self, y: Tensor, dose: Tensor | None) -> Tensor:
         """(2)-(5) without the null row: W_o rmsnorm(h) + b_o for ids y (B,) in [0, n)."""
@@ -106,7 +110,8 @@ def adaptor_heads(hidden: int, want: int, model_heads: int) -> int:
     return heads
 
 
-def attach_adaptor(model: MiT, cfg, table: np.ndarray | Tensor, has_molecule, dose_range) -> MoleculeAdaptor:
+def attach_adaptor(model: MiT, cfg, table: np.ndarray | Tensor, has_molecule, dose_range,
+                   dose_log: bool | None = None) -> MoleculeAdaptor:
     """Give a MiT a molecule adaptor (mol section of cfg) over `table` (one row per perturbation id)."""
     s = model.shape
     if s.num_perturbations <= 0:
@@ -118,7 +123,8 @@ def attach_adaptor(model: MiT, cfg, table: np.ndarray | Tensor, has_molecule, do
     model.mol_adaptor = MoleculeAdaptor(
         t, torch.as_tensor(np.asarray(has_molecule)), dose_range, s.hidden_size, depth=mc.adaptor_depth,
         num_heads=adaptor_heads(s.hidden_size, mc.adaptor_heads, s.num_heads), mlp_ratio=s.mlp_ratio,
-        proj_dropout=s.proj_dropout, kernels=s.kernels, attn_backend=s.attn_backend)
+        proj_dropout=s.proj_dropout, kernels=s.kernels, attn_backend=s.attn_backend,
+        dose_log=mc.dose_log if dose_log is None else dose_log)
     return model.mol_adaptor
 
 
@@ -126,5 +132,6 @@ def attach_from_state(model: MiT, cfg, state: dict[str, Tensor]) -> MoleculeAdap
     """Rebuild the adaptor of an exported model from its weights (table, mask and dose range are buffers)."""
     if PREFIX + "table" not in state:
         return None
+    log = state.get(PREFIX + "dose_log")
     return attach_adaptor(model, cfg, state[PREFIX + "table"], state[PREFIX + "has_molecule"],
-                          tuple(state[PREFIX + "dose_range"].tolist()))
+                          tuple(state[PREFIX + "dose_range"].tolist()), None if log is None else bool(log.item()))
