@@ -181,7 +181,7 @@ def test_deepspeed_hostfile_recipe_as_two_hosts_without_ssh(tmp_path):
     hostfile.write_text("sim-node-1 slots=2\nsim-node-2 slots=2\n")
     port = free_port()
     train = ["--module", "phenoflow.cli", "train", "--preset", "demo", *TINY, "train.engine=deepspeed",
-             "train.total_samples=64", f"run.out_dir={tmp_path}", "run.name=ds"]
+             "train.total_samples=32", f"run.out_dir={tmp_path}", "run.name=ds"]
     procs = []
     for node in range(2):
         cmd = [str(Path(sys.prefix) / "bin" / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh",
