@@ -168,8 +168,10 @@ def _expression_demo() -> Config:
     combinations held out), a small gene-axis U-Net (base 16, channel_mult [1, 2, 4]), a few minutes."""
     c = _expression(Config())
     c.run.name = "expression-demo"
-    c.train.batch_size, c.train.total_samples, c.train.lr = 64, 64 * 600, 1e-3
-    c.train.log_every_samples, c.train.ckpt_every_samples = 64 * 50, 64 * 200
+    # 350 steps of 64: the held-out combination scores as at 600 steps (rmse 0.335 vs 0.329, energy distance
+    # 2.11 vs 2.06 at w = 1) in 58% of the time, so the demo fits its 5-minute CPU budget.
+    c.train.batch_size, c.train.total_samples, c.train.lr = 64, 64 * 350, 1e-3
+    c.train.log_every_samples, c.train.ckpt_every_samples = 64 * 50, 64 * 175
     c.eval.ema_std = 0.05
     c.eval.solver, c.eval.steps = "euler", 50
     # The combine split puts the held-out combination in test (val holds only controls at this size).
