@@ -32,7 +32,9 @@ from test_preemption import SBATCH, _stub_env
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
 
 NODES, PER_NODE = 2, 2
-TOTAL = 512  # 32 steps of 16: long enough for the stop file poll (rank 0, every 5 s) to land mid-run
+# 128 steps of 16: rank 0 looks for the stop file every 5 s, so the job must still be training 5 s after USR1
+# even on an idle machine (~0.06 s a step there); on 2 loaded cores it stops after ~15 steps.
+TOTAL = 2048
 JOB = TINY + ["train.engine=deepspeed", "train.zero_stage=2", f"train.total_samples={TOTAL}",
               "train.ckpt_every_samples=64", "train.peer_timeout_s=10"]
 
