@@ -38,6 +38,7 @@ from phenoflow.eval.metrics import (
     standardize,
 )
 from phenoflow.eval.report import METRIC_NAMES, write_report
+from phenoflow.eval.report_extras import ReportExtras
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = "1"  # bump when a feature extractor's output changes
@@ -297,6 +298,7 @@ class _Setup(NamedTuple):
     manifest: dict
     batches: list  # the rows to generate and score (controls left out unless eval.include_controls)
     controls: ControlPool | None  # counterfactual mode: every control read, whatever eval.include_controls
+    read: list | None = None  # every batch this rank read, controls included (the report's control images)
 
 
 def _setup(cfg: Config, run_dir: Path, model, data_dir, mode: str) -> _Setup:
@@ -326,7 +328,7 @@ def _setup(cfg: Config, run_dir: Path, model, data_dir, mode: str) -> _Setup:
         controls = ControlPool()
         for b in read:
             controls.add_batch(b)
-    return _Setup(rank, world, device, model, data_dir, manifest, batches, controls)
+    return _Setup(rank, world, device, model, data_dir, manifest, batches, controls, read)
 
 
 def evaluate(cfg: Config, run_dir: str | Path | None = None, model: torch.nn.Module | None = None,
@@ -339,11 +341,13 @@ def evaluate(cfg: Config, run_dir: str | Path | None = None, model: torch.nn.Mod
     """
     run_dir = Path(run_dir or cfg.run_dir)
     report_dir = Path(report_dir or run_dir / "report")
+    from_run = model is None  # the run's exported weights (the report names the checkpoint)
     s = _setup(cfg, run_dir, model, data_dir, mode)
     rank, world, device, model, data_dir, manifest, batches, controls = (
         s.rank, s.world, s.device, s.model, s.data_dir, s.manifest, s.batches, s.controls)
     d = _dist()
     pert_names = _vocab_names(manifest, "perturbation")
+    extras = ReportExtras(cfg, run_dir, manifest, s.read, pert_names, from_run) if rank == 0 else None
 
     real_images = torch.cat([b["image"] for b in batches])
     real_keys = [k for b in batches for k in b["key"]]
@@ -391,8 +395,9 @@ def evaluate(cfg: Config, run_dir: str | Path | None = None, model: torch.nn.Mod
         if per_pert:
             row["per_perturbation"] = per_pert
         sweep.append(row)
-        if rank == 0:
-            rows = grid_rows(real_images, real_pert, gen, labels["perturbation"], pert_names)
+        if extras is not None:  # rank 0: control row, effects and means for the report (cheap)
+            ctrl = extras.add(model, w, real_images, real_pert, gen, labels, device, seed, mode, controls)
+            rows = grid_rows(real_images, real_pert, gen, labels["perturbation"], pert_names, control=ctrl)
             grids.append(save_grid(rows, report_dir / f"grid_{tag}.png", title=f"w = {w:g}").name)
             log.info("w=%g NFE=%.1f %s", w, nfe, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 
@@ -403,7 +408,7 @@ def evaluate(cfg: Config, run_dir: str | Path | None = None, model: torch.nn.Mod
             "solver": {"method": cfg.eval.solver, "rtol": cfg.eval.rtol, "atol": cfg.eval.atol,
                        "steps": cfg.eval.steps, "guidance_groups": list(cfg.eval.guidance_groups)},
             "world_size": world, "features": features, "features_skipped": skipped, "sweep": sweep,
-            "grids": grids, "labels": list(LABEL_KEYS),
+            "grids": grids, "labels": list(LABEL_KEYS), **extras.results(),
         }
         write_report(report_dir, results)
     if d:

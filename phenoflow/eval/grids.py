@@ -1,7 +1,8 @@
-"""PNG grids of real against generated images, one row per perturbation.
+"""PNG grids of real against generated images, one row per perturbation (the control first when given).
 
 Row r: the perturbation's name, then k real images, a gap, then k generated images (6-channel images projected to
-RGB with `project_to_rgb`). Small crops are enlarged with nearest-neighbour upsampling so they stay visible.
+RGB with `project_to_rgb`, the mapping `channel_legend` describes). Small crops are enlarged with
+nearest-neighbour upsampling so they stay visible.
 """
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from phenoflow.eval.project import to_uint8_rgb
+from phenoflow.eval.project import DEFAULT_WEIGHTS, to_uint8_rgb
 
 PAD = 2  # pixels between tiles
 GAP = 12  # extra pixels between the real and the generated block
+CONTROL_ROW = "control"  # name of the grids' control row
 
 
 def save_grid(rows: Mapping[str, tuple[torch.Tensor, torch.Tensor]], path: str | Path, k: int = 4,
@@ -62,10 +64,56 @@ def save_grid(rows: Mapping[str, tuple[torch.Tensor, torch.Tensor]], path: str |
 
 
 def grid_rows(real: torch.Tensor, real_labels: torch.Tensor, gen: torch.Tensor, gen_labels: torch.Tensor,
-              names: Sequence[str], k: int = 4, max_rows: int = 16) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Group images by perturbation index into save_grid rows (first k of each; at most max_rows perturbations)."""
+              names: Sequence[str], k: int = 4, max_rows: int = 16,
+              control: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Group images by perturbation index into save_grid rows (first k of each; at most max_rows perturbations).
+
+    control: (real, generated) control images: the first row, named CONTROL_ROW (replacing a row of that name)."""
     rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    if control is not None:
+        rows[CONTROL_ROW] = (control[0][:k], control[1][:k])
     for p in torch.unique(real_labels).tolist()[:max_rows]:
         name = names[p] if p < len(names) else str(p)
+        if name in rows:
+            continue
         rows[name] = (real[real_labels == p][:k], gen[gen_labels == p][:k])
     return rows
+
+
+def channel_legend(channels: int, names: Sequence[str] = (),
+                   weights: Sequence[Sequence[float]] | None = None) -> list[dict[str, object]]:
+    """How each image channel is drawn in the grids: [{channel, name, rgb (0-1 triple), hex}], one per channel.
+
+    6 channels: project_to_rgb's DEFAULT_WEIGHTS (the CellFlux projection; rgb = clamp(sum_c x_c w_c, -1, 1) on
+    [-1, 1] data, then mapped to [0, 1]); 3 channels: shown as they are, channel 0 red, 1 green, 2 blue."""
+    if weights is None:
+        if channels == 6:
+            weights = DEFAULT_WEIGHTS
+        elif channels == 3:
+            weights = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0))
+        else:
+            return []
+    out = []
+    for c, w in enumerate(weights):
+        rgb = tuple(float(x) for x in w)
+        out.append({"channel": c, "name": names[c] if c < len(names) else "",
+                    "rgb": rgb, "hex": "#" + "".join(f"{round(255 * x):02x}" for x in rgb)})
+    return out
+
+
+def save_legend(legend: Sequence[dict], path: str | Path) -> Path:
+    """A small PNG of the channel legend: one colour swatch and its channel name per line."""
+    font = ImageFont.load_default()
+    lines = [f"ch{e['channel']} {e['name']}".strip() for e in legend]
+    tw = max(int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(t, font=font)) for t in lines)
+    canvas = Image.new("RGB", (30 + tw + 8, 4 + 16 * len(lines)), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for i, (e, t) in enumerate(zip(legend, lines)):
+        y = 4 + 16 * i
+        draw.rectangle((4, y, 20, y + 12), fill=tuple(round(255 * x) for x in e["rgb"]), outline=(0, 0, 0))
+        draw.text((26, y), t, fill=(0, 0, 0), font=font)
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    canvas.save(tmp)
+    tmp.replace(path)
+    return path
