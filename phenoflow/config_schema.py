@@ -46,6 +46,9 @@ class FlowConfig:
     bridge_sigma: float = 0.1
     coupling: str = "independent"  # independent | ot | control
     control_noise: float = 0.1  # std of the noise added to control images (coupling=control)
+    # Probability that a training source gets that noise (per sample; CellFlux: 0.5 with control_noise=1).
+    # Sampling from controls always adds it. 1 = always (the default, as before).
+    control_noise_prob: float = 1.0
     time_sampler: str = "uniform"  # uniform | logit_normal
     logit_mean: float = 0.0
     logit_std: float = 1.0
@@ -88,6 +91,11 @@ class ExpressionConfig:
     """Single-cell expression data (data.modality=expression): where the labels live in the AnnData file
     (PerturBench conventions by default), gene selection, the split, and the synthetic count generator."""
     h5ad: str = ""  # data.source=anndata: this file is preprocessed, split and converted to shards in run_dir/data
+    # data.source=anndata, several datasets (an atlas): h5ad files ("name=path", or a path: name = file stem), each
+    # preprocessed alone, then put on one gene axis: "union" (every gene; a gene a dataset lacks is left out of
+    # that dataset's loss) or "intersection" (data/expression_prep.py: align_datasets says why union is default)
+    atlas: list[str] = field(default_factory=list)
+    atlas_genes: str = "union"
     perturbation_col: str = "condition"
     control_label: str = "control"
     combination_sep: str = "+"

@@ -44,6 +44,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.modality": ("microscopy", "expression"),
     "data.source": ("synthetic", "shards", "anndata"),
     "expr.split_task": ("transfer", "combine", "combine_inverse"),
+    "expr.atlas_genes": ("union", "intersection"),
     "data.backend": ("webdataset", "dali"),
     "data.bad_sample_policy": ("error", "skip"),
     "data.checksums": ("first_pass", "always", "off"),
@@ -75,6 +76,7 @@ NON_NEGATIVE = [
     "train.progress_every_s", "train.peer_timeout_s",
 ]
 UNIT_INTERVAL = ["model.label_dropout", "model.proj_dropout", "train.beta1", "train.beta2"]
+PROBABILITY = ["flow.control_noise_prob"]  # [0, 1]
 
 
 def _get(cfg: Any, dotted: str) -> Any:
@@ -182,8 +184,11 @@ def check_modality(cfg: Any) -> None:
             raise ConfigError(f"{key}={_get(cfg, key)!r} must be > 0")
     if not m.unet_channel_mult or any(c <= 0 for c in m.unet_channel_mult):
         raise ConfigError(f"model.unet_channel_mult={m.unet_channel_mult} must be a non-empty list of positive ints")
-    if d.source == "anndata" and not e.h5ad:
-        raise ConfigError("expr.h5ad must name an AnnData file when data.source=anndata")
+    if d.source == "anndata" and not e.h5ad and not e.atlas:
+        raise ConfigError("expr.h5ad (one file) or expr.atlas (several) must name AnnData files when "
+                          "data.source=anndata")
+    if e.h5ad and e.atlas:
+        raise ConfigError(f"expr.h5ad={e.h5ad!r} and expr.atlas={e.atlas}: give one file or an atlas, not both")
     if not e.perturbation_col or not e.control_label or not e.combination_sep:
         raise ConfigError("expr.perturbation_col, expr.control_label and expr.combination_sep must be non-empty")
 
@@ -232,6 +237,9 @@ def validate(cfg: Any) -> Any:
     for key in UNIT_INTERVAL:
         if not 0 <= _get(cfg, key) < 1:
             raise ConfigError(f"{key}={_get(cfg, key)!r} must be in [0, 1)")
+    for key in PROBABILITY:
+        if not 0 <= _get(cfg, key) <= 1:
+            raise ConfigError(f"{key}={_get(cfg, key)!r} must be in [0, 1]")
     check_run_name(cfg.run.name)
     if cfg.data.channels not in (3, 6):
         raise ConfigError(f"data.channels={cfg.data.channels} must be 3 or 6")

@@ -9,6 +9,8 @@ A modality supplies (in the spirit of torchtitan's train specs):
     train_flops(model) -> float          training FLOP per sample (forward + backward); 0 = unknown, MFU omitted
     control_groups(manifest) -> groups   the label groups that define "the same condition" for the control pool
                                          of flow.coupling=control (phenoflow/train/control_pool.py)
+    loss_mask(manifest) -> fn | None     fn(batch, device) -> (B, *x1.shape[1:]) bool, the entries of x1 that
+                                         enter the loss (an atlas: genes a cell's dataset measures); None = all
 
 Everything else (flow paths and couplings, engines, EMA, checkpoints, exact resume, logging, config, CLI) is
 shared. This module is the only place that knows every modality; it imports their parts lazily so that a
@@ -36,6 +38,7 @@ class Modality:
     sample_noun: str  # what one sample is, for logs: "img", "cell"
     # flow.coupling=control: a sample's source is a control of the same values of these label groups
     control_groups: Callable[[dict], tuple[str, ...]] = lambda manifest: ()
+    loss_mask: Callable[[dict], Callable[[dict, torch.device], torch.Tensor] | None] = lambda manifest: None
 
 
 # ---- microscopy: MiT on uint8 cell-painting images --------------------------------------------------------
@@ -140,8 +143,27 @@ def _expr_control_groups(manifest: dict) -> tuple[str, ...]:
     return tuple(g for g in manifest["vocabs"] if g not in ("perturbation", *EXPRESSION_NON_LABEL_VOCABS))
 
 
+def _expr_loss_mask(manifest: dict):
+    """An atlas aligned on the union of its datasets' genes: a gene a cell's dataset does not measure is stored
+    as 0 and must not enter the loss (it would teach the model that the gene is silent). The per-dataset
+    measured-gene table is built once from the manifest's `unmeasured_genes`; None when every dataset
+    measures every gene (a single file, or an intersection)."""
+    unmeasured = manifest.get("unmeasured_genes") or {}
+    if not unmeasured:
+        return None
+    names = list(manifest["vocabs"]["dataset"])
+    table = torch.ones(len(names), int(manifest["n_genes"]), dtype=torch.bool)
+    for d, genes in unmeasured.items():
+        table[names.index(d), torch.as_tensor(genes, dtype=torch.long)] = False
+
+    def mask(batch: dict, dev: torch.device) -> torch.Tensor:
+        return table.to(dev)[batch["dataset"].to(dev).long()]
+
+    return mask
+
+
 EXPRESSION = Modality("expression", _expr_prepare, _expr_vocab_sizes, _expr_model, _expr_batch, _expr_flops,
-                      "cell", _expr_control_groups)
+                      "cell", _expr_control_groups, _expr_loss_mask)
 
 MODALITIES: dict[str, Modality] = {"microscopy": MICROSCOPY, "expression": EXPRESSION}
 

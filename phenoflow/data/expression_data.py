@@ -22,6 +22,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from phenoflow.config import Config, ConfigError
 
 from .anndata_io import ExpressionColumns
@@ -66,6 +68,40 @@ def _source_anndata(cfg: Config, cols: ExpressionColumns):
     return adata, e.h5ad
 
 
+def atlas_files(entries: list[str]) -> dict[str, str]:
+    """expr.atlas entries -> {dataset name: path} ("name=path", or a path named by its file stem)."""
+    out: dict[str, str] = {}
+    for item in entries:
+        name, _, path = item.partition("=") if "=" in item else (Path(item).stem, "", item)
+        name, path = name.strip(), path.strip()
+        if not name or not path:
+            raise ConfigError(f"expr.atlas entry {item!r}: expected 'name=path.h5ad' or 'path.h5ad'")
+        if name in out:
+            raise ConfigError(f"expr.atlas: dataset name {name!r} given twice ({out[name]}, {path})")
+        out[name] = path
+    return out
+
+
+def _prepared_atlas(cfg: Config, cols: ExpressionColumns):
+    """Each expr.atlas file read and preprocessed alone (its own log state and HVGs united with its targets),
+    then aligned on one gene axis (expr.atlas_genes) -> (AnnData, genes, {dataset: unmeasured gene indices},
+    preprocessing summary)."""
+    from .anndata_io import read_expression
+    from .expression_prep import align_datasets, prepare_expression
+
+    preps = {}
+    for name, path in atlas_files(cfg.expr.atlas).items():
+        adata, _ = read_expression(path, cols)
+        prep = prepare_expression(adata, cols, n_top_genes=cfg.expr.n_top_genes, file=path)
+        preps[name] = prep
+    at = align_datasets({n: p.adata for n, p in preps.items()}, mode=cfg.expr.atlas_genes, cols=cols)
+    unmeasured = {d: np.flatnonzero(~at.mask[i]).tolist() for i, d in enumerate(at.datasets)}
+    summary = {"atlas": {n: p.to_json() for n, p in preps.items()}, "genes": at.genes, "n_genes": len(at.genes),
+               "atlas_genes": at.mode, "unmeasured": {d: len(v) for d, v in unmeasured.items()},
+               "dropped": at.dropped}
+    return at.adata, at.genes, unmeasured, summary
+
+
 def write_expression_data(cfg: Config, out: Path) -> Path:
     """AnnData -> preprocessing -> split -> shards in `out` (the manifest, written last, marks completion)."""
     from .expression_prep import prepare_expression
@@ -73,18 +109,24 @@ def write_expression_data(cfg: Config, out: Path) -> Path:
     from .expression_splits import SplitSpec, split_cells, write_split_csv
 
     cols = columns_from_config(cfg)
-    adata, where = _source_anndata(cfg, cols)
-    prep = prepare_expression(adata, cols, n_top_genes=cfg.expr.n_top_genes, file=str(where))
-    split = split_cells(prep.adata.obs, cols, SplitSpec(task=cfg.expr.split_task, seed=cfg.expr.split_seed),
+    if cfg.expr.atlas:
+        adata, genes, unmeasured, summary = _prepared_atlas(cfg, cols)
+        where = f"atlas {sorted(atlas_files(cfg.expr.atlas))}"
+    else:
+        adata, where = _source_anndata(cfg, cols)
+        prep = prepare_expression(adata, cols, n_top_genes=cfg.expr.n_top_genes, file=str(where))
+        adata, genes, unmeasured, summary = prep.adata, prep.genes, None, prep.to_json()
+    split = split_cells(adata.obs, cols, SplitSpec(task=cfg.expr.split_task, seed=cfg.expr.split_seed),
                         file=str(where))
     out.mkdir(parents=True, exist_ok=True)
     write_split_csv(split, out / "split.csv")
-    (out / "preprocessing.json").write_text(json.dumps(prep.to_json(), indent=1, default=str))
-    convert_anndata(prep.adata, out, cols, genes=prep.genes, splits=split.split.to_dict(),
-                    samples_per_shard=cfg.data.samples_per_shard, max_combination=cfg.expr.max_combination)
+    (out / "preprocessing.json").write_text(json.dumps(summary, indent=1, default=str))
+    convert_anndata(adata, out, cols, genes=genes, splits=split.split.to_dict(),
+                    samples_per_shard=cfg.data.samples_per_shard, max_combination=cfg.expr.max_combination,
+                    unmeasured=unmeasured)
     (out / RECIPE).write_text(json.dumps(recipe(cfg), indent=1, sort_keys=True))
-    log.info("expression data from %s: %d cells x %d genes, split %s -> %s", where, prep.adata.n_obs,
-             len(prep.genes), split.counts(), out)
+    log.info("expression data from %s: %d cells x %d genes, split %s -> %s", where, adata.n_obs,
+             len(genes), split.counts(), out)
     return out
 
 

@@ -309,13 +309,16 @@ def _run(jobs: list[dict[str, Any]], src: Any, lab: dict[str, Any], ctx: dict[st
 def convert_anndata(source: Any, out_dir: str | Path, columns: ExpressionColumns | None = None,
                     genes: list[str] | None = None, splits: Any = None, samples_per_shard: int = 4096,
                     max_combination: int = 2, workers: int = 1, *, x_state: str = "auto", seed: int = 0,
-                    block_rows: int = 64, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> dict[str, Any]:
+                    block_rows: int = 64, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+                    unmeasured: dict[str, list[int]] | None = None) -> dict[str, Any]:
     """Convert an .h5ad path (read through h5py, on disk) or an AnnData object to expression shards in
     `out_dir`; returns the manifest (also written to out_dir/manifest.json). `genes`: the kept gene list in
     order (None = every var name); `splits`: {cell id: split}, a pd.Series, a split CSV path
     (expression_splits) or None (all train); `x_state`: see expression_prep.detect_x_state (counts are
     normalised to 1e4 and logged, normalised data logged, log1p data kept). `workers` > 1 runs one shard per
-    job in spawned processes (a path source only; an AnnData object is converted in this process)."""
+    job in spawned processes (a path source only; an AnnData object is converted in this process).
+    `unmeasured`: an atlas's {dataset name: positions in `genes` that dataset does not measure}, stored in the
+    manifest (`unmeasured_genes`) so that training leaves them out of that dataset's loss."""
     from .convert import _remove_outputs
     from .expression_prep import detect_x_state
 
@@ -370,6 +373,7 @@ def convert_anndata(source: Any, out_dir: str | Path, columns: ExpressionColumns
         "vocabs": {g: v.names for g, v in vocabs.items()},
         "splits": {s: {"count": sum(x["count"] for x in recs), "shards": recs} for s, recs in records.items()},
         "label_counts": {s: {g: dict(sorted(c.items())) for g, c in v.items()} for s, v in counts.items()},
+        "unmeasured_genes": {str(d): sorted(map(int, v)) for d, v in (unmeasured or {}).items() if len(v)},
         "source": {"kind": "anndata", "file": file,
                    "bytes": Path(file).stat().st_size if is_path else None,
                    "n_cells": int(src.n_obs), "n_genes": int(src.n_vars), "x_state": asdict(dec),

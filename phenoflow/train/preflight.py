@@ -122,8 +122,14 @@ def preflight(cfg: Any, world_size: int = 1, evaluate: bool = False) -> None:
         # The expression data's size is known only after preprocessing and splitting (expression_data.py):
         # the batch is checked against the ranks here, the cells per split when the loader opens them.
         micro_batch(cfg, world_size)
-        if cfg.data.source == "anndata" and not Path(cfg.expr.h5ad).is_file():
+        if cfg.data.source == "anndata" and not cfg.expr.atlas and not Path(cfg.expr.h5ad).is_file():
             raise ConfigError(f"expr.h5ad={cfg.expr.h5ad!r} is not a file (data.source=anndata reads it)")
+        if cfg.data.source == "anndata" and cfg.expr.atlas:
+            from phenoflow.data.expression_data import atlas_files
+
+            for name, path in atlas_files(cfg.expr.atlas).items():
+                if not Path(path).is_file():
+                    raise ConfigError(f"expr.atlas: dataset {name!r}: {path!r} is not a file")
     else:
         check_data(cfg, world_size, data_summary(cfg), evaluate=evaluate)
     check_resume_files(cfg)

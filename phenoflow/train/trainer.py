@@ -124,6 +124,7 @@ class Trainer:
             backend=cfg.data.backend, bad_sample_policy=cfg.data.bad_sample_policy,
             shuffle_buffer=cfg.data.shuffle_buffer, channels_last=cfg.data.channels_last,
             checksums=cfg.data.checksums)
+        self.loss_mask = self.modality.loss_mask(self.manifest)  # None: every entry of x1 enters the loss
         self.control_pool = None  # flow.coupling=control: same-group controls of the train split, indexed at start
         if cfg.flow.coupling == "control":
             from phenoflow.train.control_pool import build_control_pool
@@ -291,7 +292,13 @@ class Trainer:
         xt, target = self.path.sample(x0, x1, t)
         with self.engine.autocast():
             v = self.engine.forward_model(xt, t, labels)
-        return (v.float() - target).pow(2).mean()
+        err = (v.float() - target).pow(2)
+        if self.loss_mask is None:
+            return err.mean()
+        # Masked entries (an atlas cell's unmeasured genes) leave the loss: each sample's mean over its own
+        # measured entries, then the batch mean (every cell weighs the same, whatever its dataset measures).
+        m = self.loss_mask(batch, dev).reshape(err.shape).to(err.dtype)
+        return ((err * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1.0)).mean()
 
     def train_step(self, it) -> dict:
         t_cfg, eng = self.cfg.train, self.engine

@@ -213,13 +213,16 @@ def control_sources(cells: SplitCells, fallback: SplitCells | None = None) -> di
 def generate_split(model: torch.nn.Module, cells: SplitCells, eval_cfg: Any, w: float, seed: int = 0,
                    device: str | torch.device = "cpu", upper: float = PRIMEFLOW_CLAMP,
                    sources: dict[tuple[str, ...], np.ndarray] | None = None,
-                   control_noise: float = 0.0) -> tuple[np.ndarray, np.ndarray, float]:
+                   control_noise: float = 0.0,
+                   unmeasured: dict[str, list[int]] | None = None) -> tuple[np.ndarray, np.ndarray, float]:
     """Generated cells for every perturbed group of `cells` -> (x (n, G) float32 clamped to [0, upper], the real
     row each generated cell copies its labels from, mean NFE per solver call).
 
     The ODE starts from x0 ~ N(0, I) (noise -> expression, the default flow) or, with `sources` (a model trained
     with flow.coupling=control), from x0 = c + control_noise * z, c drawn uniformly with replacement from the
-    control cells of the group's covariates and dataset, as in training (phenoflow/train/control_pool.py)."""
+    control cells of the group's covariates and dataset, as in training (phenoflow/train/control_pool.py).
+    `unmeasured` (an atlas on the union of genes: {dataset: gene positions it does not measure}): those genes of
+    the group's dataset are written as 0, as the data stores them (the model was never trained on them)."""
     from phenoflow.flow.guidance import make_velocity_fn
     from phenoflow.flow.solvers import integrate
 
@@ -242,7 +245,10 @@ def generate_split(model: torch.nn.Module, cells: SplitCells, eval_cfg: Any, w: 
             labels = {k: v[r].to(device) for k, v in cells.labels.items()}
             x1, nfe = integrate(make_velocity_fn(model, labels, w, groups), noise[a:a + bs].to(device), 0.0, 1.0,
                                 **solve)
-            xs.append(x1.float().clamp(0.0, upper).cpu().numpy())
+            x1 = x1.float().clamp(0.0, upper).cpu()
+            if unmeasured and unmeasured.get(key[-1]):
+                x1[:, torch.as_tensor(unmeasured[key[-1]], dtype=torch.long)] = 0.0
+            xs.append(x1.numpy())
             nfes.append(nfe)
         src.append(rows)
     if not xs:
@@ -310,6 +316,9 @@ def sample_expression(cfg: Config, run_dir: str | Path | None = None, out_dir: s
     to_anndata(cells.x, cells.obs, cells.genes, {"split": cfg.eval.split, "data_dir": str(data)}).write_h5ad(real_path)
     out: dict[str, Any] = {"real": real_path, "pred": {}, "nfe": {}, "seconds": {}, "clamp": [0.0, upper],
                            "split": cfg.eval.split, "cells": cells, "data_dir": data}
+    from phenoflow.data.shards import load_manifest
+
+    unmeasured = load_manifest(data).get("unmeasured_genes")
     dev = _device(cfg)
     sources = None
     if cfg.flow.coupling == "control":
@@ -319,7 +328,8 @@ def sample_expression(cfg: Config, run_dir: str | Path | None = None, out_dir: s
     for w in cfg.eval.guidance:
         t0 = time.perf_counter()
         x_gen, src, nfe = generate_split(model, cells, cfg.eval, w, seed=seed, device=dev, upper=upper,
-                                         sources=sources, control_noise=cfg.flow.control_noise)
+                                         sources=sources, control_noise=cfg.flow.control_noise,
+                                         unmeasured=unmeasured)
         secs = time.perf_counter() - t0
         uns = {"w": float(w), "nfe": nfe, "coupling": cfg.flow.coupling, "solver": cfg.eval.solver, "steps": cfg.eval.steps, "seed": seed,
                "clamp_max": upper, "split": cfg.eval.split, "ema_std": cfg.eval.ema_std}
