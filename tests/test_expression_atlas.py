@@ -12,8 +12,7 @@ from phenoflow.train.trainer import Trainer
 
 BASE = ["model.unet_base_channels=8", "model.unet_channel_mult=[1,2]", "train.batch_size=32", "train.lr=1e-3",
         "train.precision=fp32", "train.device=cpu", "train.log_every_samples=32", "train.ckpt_every_samples=64",
-        "data.samples_per_shard=256", "data.source=anndata", "expr.split_task=transfer", "expr.n_top_genes=60",
-        "flow.control_noise_prob=0.5"]
+        "data.samples_per_shard=256", "data.source=anndata", "expr.split_task=transfer", "expr.n_top_genes=60"]
 
 
 @pytest.fixture(scope="module")
