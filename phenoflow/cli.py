@@ -189,12 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
     from phenoflow.data import commands as data_commands
     from phenoflow.eval import commands as eval_commands
     from phenoflow.eval import weights_commands
+    from phenoflow.study import commands as study_commands
     from phenoflow.train import commands as train_commands
 
     data_commands.register(sub)
     eval_commands.register(sub)
     train_commands.register(sub)
     weights_commands.register(sub)
+    study_commands.register(sub)
     _add_debug_everywhere(parser)
     user_parser_rules(parser)  # no abbreviated options (--split is not --splits), defaults shown in --help
     return parser

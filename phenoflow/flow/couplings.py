@@ -49,11 +49,22 @@ def minibatch_ot(x0: Tensor, x1: Tensor) -> Tensor:
     return x0[torch.as_tensor(src, device=x0.device)]
 
 
-def control_source(control_images: Tensor, noise_std: float, generator: torch.Generator | None = None) -> Tensor:
-    """Config A source: x0 = c + noise_std * z, z ~ N(0, I), c an encoded control image ([-1, 1] floats)."""
+def control_source(control_images: Tensor, noise_std: float, generator: torch.Generator | None = None,
+                   prob: float = 1.0) -> Tensor:
+    """Config A source: x0 = c + m * noise_std * z, z ~ N(0, I), c an encoded control image ([-1, 1] floats).
+
+    m = 1 when prob = 1 (every source noised); else m_i ~ Bernoulli(prob) per sample, drawn after z from the same
+    generator (CellFlux's augmentation: N(0, 1) added with probability 0.5 in training, always at sampling)."""
     if noise_std < 0:
         raise ValueError(f"control noise_std={noise_std} must be >= 0")
-    return control_images + noise_std * _randn(control_images.shape, generator, control_images)
+    if not 0.0 <= prob <= 1.0:
+        raise ValueError(f"control noise prob={prob} must be in [0, 1]")
+    z = _randn(control_images.shape, generator, control_images)
+    if prob < 1.0:
+        dev = generator.device if generator is not None else control_images.device
+        m = torch.rand(control_images.shape[0], generator=generator, device=dev) < prob
+        z = z * m.to(z).view(-1, *([1] * (z.dim() - 1)))
+    return control_images + noise_std * z
 
 
 def pick_controls(experiment_ids_of_batch: Tensor | Sequence[int], control_pool_by_experiment: Mapping[int, Tensor],
@@ -87,10 +98,11 @@ class Coupling:
     images, one per sample (see pick_controls), and adds N(0, noise_std^2) noise.
     """
 
-    def __init__(self, kind: str = "independent", control_noise: float = 0.1):
+    def __init__(self, kind: str = "independent", control_noise: float = 0.1, control_noise_prob: float = 1.0):
         if kind not in ("independent", "ot", "control"):
             raise ValueError(f"flow.coupling={kind!r} is not one of ['independent', 'ot', 'control']")
         self.kind, self.control_noise = kind, float(control_noise)
+        self.control_noise_prob = float(control_noise_prob)
         self.needs_controls = kind == "control"
 
     def __call__(self, x1: Tensor, generator: torch.Generator | None = None, controls: Tensor | None = None) -> Tensor:
@@ -98,11 +110,11 @@ class Coupling:
             if controls is None or controls.shape != x1.shape:
                 got = None if controls is None else tuple(controls.shape)
                 raise ValueError(f"flow.coupling=control needs controls of shape {tuple(x1.shape)}, got {got}")
-            return control_source(controls.to(x1.dtype), self.control_noise, generator)
+            return control_source(controls.to(x1.dtype), self.control_noise, generator, self.control_noise_prob)
         x0 = _randn(x1.shape, generator, x1)
         return minibatch_ot(x0, x1) if self.kind == "ot" else independent(x0, x1)
 
 
 def build_coupling(flow_cfg: Any) -> Coupling:
-    """FlowConfig -> Coupling (flow.coupling, flow.control_noise)."""
-    return Coupling(flow_cfg.coupling, flow_cfg.control_noise)
+    """FlowConfig -> Coupling (flow.coupling, flow.control_noise, flow.control_noise_prob)."""
+    return Coupling(flow_cfg.coupling, flow_cfg.control_noise, getattr(flow_cfg, "control_noise_prob", 1.0))

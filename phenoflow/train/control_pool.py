@@ -3,6 +3,8 @@ Config A; PRiMeFlow's control -> perturbed variant for expression).
 
 The source of training sample i is a control sample of the same condition group plus Gaussian noise:
     x0_i = c_i + flow.control_noise * z_i,   c_i ~ Uniform(controls of the training split in group(i))
+(with flow.control_noise_prob < 1 the noise term is kept for each sample with that probability, CellFlux's
+augmentation; z_i is drawn first, then the keep mask, from the same step generator)
 where group(i) is the sample's ids in the modality's control groups (Modality.control_groups: images
 experiment and cell type; expression every covariate and the dataset). c_i goes through the modality's batch
 transform like x1 (images: encode, flips, dequantisation; expression: the log1p row).
@@ -193,7 +195,7 @@ class ControlPool:
         """x0 for a data batch: the modality's transform of a same-group control batch, plus control noise."""
         controls = self.sample(batch, gen)
         c, _ = modality.batch_to_flow(cfg, controls, gen, device)
-        return control_source(c.float(), cfg.flow.control_noise, gen)
+        return control_source(c.float(), cfg.flow.control_noise, gen, getattr(cfg.flow, "control_noise_prob", 1.0))
 
     # ---- state -----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

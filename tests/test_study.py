@@ -1,0 +1,184 @@
+"""`phenoflow study`: spec checks, built-in definitions, a tiny study end to end (report with every column, skip
+when finished, resume when stopped mid-way), Config A's same-experiment control pairing and noise probability,
+the findings paragraph on known numbers."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from phenoflow.errors import ConfigError
+from phenoflow.flow.couplings import control_source
+from phenoflow.study import spec as spec_mod
+from phenoflow.study.builtin import builtin
+from phenoflow.study.findings import findings
+from phenoflow.study.runner import plan, run_study, run_unit, train_config, trained
+from phenoflow.train.trainer import Trainer, train
+from tests.trainer_worker import TINY
+
+EVAL = ["eval.solver=euler", "eval.steps=2", "eval.batch_size=16", "eval.ema_std=0.05"]
+PROTOCOL = ["eval.guidance=[1,2]", "eval.max_images=12", "eval.features=[morphology]"]
+CONFIG_A = ["flow.coupling=control", "flow.control_noise=1.0", "flow.control_noise_prob=0.5"]
+
+
+def tiny_spec(out: Path, total: int = 32) -> spec_mod.Study:
+    return spec_mod.from_dict({
+        "name": "tiny", "base": "demo", "seeds": [0],
+        "overrides": [*TINY, *EVAL, f"train.total_samples={total}", "train.tensorboard=false",
+                      "train.snapshots=false", "train.ckpt_every_samples=16"],
+        "protocol": PROTOCOL,
+        "variants": [
+            {"name": "A", "config": "A", "label": "control -> perturbed", "overrides": CONFIG_A,
+             "eval_mode": "control"},
+            {"name": "B", "config": "B", "label": "noise -> data"},
+            {"name": "C", "config": "C", "reuse": "B", "eval_mode": "counterfactual"},
+        ]}, out_dir=str(out))
+
+
+def starts(run: Path) -> list[dict]:
+    return [r for r in (json.loads(x) for x in (run / "log.jsonl").read_text().splitlines())
+            if r.get("event") == "start"]
+
+
+def test_spec_checks(tmp_path):
+    good = {"name": "s", "variants": [{"name": "a"}, {"name": "b", "reuse": "a", "eval_mode": "counterfactual"}]}
+    st = spec_mod.from_dict(good, str(tmp_path))
+    assert st.seeds_of(st.variant("b")) == [0]
+    bad = [
+        ({"name": "s", "variants": [{"name": "a", "overrides": ["eval.guidance=[3]"]}]}, "protocol"),
+        ({"name": "s", "variants": [{"name": "a", "overrides": ["data.image_size=8"]}]}, "same data"),
+        ({"name": "s", "variants": [{"name": "a", "reuse": "zz"}]}, "not another variant"),
+        ({"name": "s", "variants": [{"name": "a", "eval_mode": "dream"}]}, "eval_mode"),
+        ({"name": "s", "variants": [{"name": "a"}, {"name": "a"}]}, "duplicate"),
+        ({"name": "s", "variants": [{"name": "a", "eval_overrides": ["train.lr=1"]}]}, "eval.* only"),
+        ({"name": "s", "protocol": ["train.lr=1"], "variants": [{"name": "a"}]}, "not eval.* or data.*"),
+    ]
+    for d, msg in bad:
+        with pytest.raises(ConfigError, match=msg):
+            spec_mod.from_dict(d, str(tmp_path))
+    # A protocol field set by a base override differently per variant cannot happen; a config file can:
+    # plan() compares the resolved protocol of every unit.
+    st = spec_mod.from_dict({"name": "s", "variants": [{"name": "a"}, {"name": "b"}]}, str(tmp_path))
+    st.variants[1].overrides = ["eval.max_images=3"]  # bypassing the spec check on purpose
+    with pytest.raises(ConfigError, match="same protocol"):
+        plan(st)
+
+
+def test_builtin_studies_follow_the_paper(tmp_path):
+    ds = builtin("mit-design-space", "quick", str(tmp_path))
+    names = [v.name for v in ds.variants]
+    assert names == [f"{c}-{a}" for a in ("adm", "mit") for c in "ABCDE"]
+    units = {u.name: u for u in plan(ds)}
+    a = units["train/A-mit-s0"].cfg
+    b = units["train/B-mit-s0"].cfg
+    assert (a.flow.coupling, a.flow.control_noise, a.flow.control_noise_prob) == ("control", 1.0, 0.5)
+    assert ds.variant("A-mit").eval_mode == "control" and a.train.total_samples < b.train.total_samples
+    assert units["train/D-mit-s0"].cfg.flow.coupling == "ot"
+    assert ds.variant("C-mit").reuse == "B-mit" and ds.variant("C-mit").eval_mode == "counterfactual"
+    assert ds.variant("E-mit").reuse == "D-mit" and ds.variant("E-mit").eval_mode == "counterfactual"
+    assert all(u.cfg.model.arch == "unet" or u.error for n, u in units.items() if "-adm" in n)
+    sp = builtin("sampling", "full", str(tmp_path))
+    trains = [u for u in plan(sp) if u.kind == "train"]
+    assert {u.variant for u in trains} == {"train-B"} and len(trains) == 3
+    solvers = {(u.cfg.eval.solver, u.cfg.eval.rtol if u.cfg.eval.solver == "dopri5" else u.cfg.eval.steps)
+               for u in plan(sp) if u.kind == "eval"}
+    assert {("dopri5", 1e-5), ("dopri5", 1e-2), ("heun", 5), ("euler", 100)} <= solvers
+    it = builtin("interpolants", "quick", str(tmp_path))
+    paths = [(u.cfg.flow.path, u.cfg.flow.bridge_sigma) for u in plan(it) if u.kind == "train"]
+    assert paths[:2] == [("linear", 0.1), ("vp", 0.1)] and [p[1] for p in paths[2:]] == [0.1, 0.5, 1.0]
+
+
+def test_control_noise_probability():
+    c = torch.zeros(4000, 2, 3, 3)
+    x = control_source(c, 1.0, torch.Generator().manual_seed(0), prob=0.5)
+    noised = (x.flatten(1).abs().sum(1) > 0).float().mean().item()
+    assert 0.45 < noised < 0.55  # about half the sources noised, the rest exactly the control
+    # prob = 1 is the previous behaviour, draw for draw.
+    y = control_source(c, 0.3, torch.Generator().manual_seed(1))
+    assert torch.equal(y, 0.3 * torch.randn(c.shape, generator=torch.Generator().manual_seed(1)))
+
+
+def test_config_a_draws_same_experiment_controls(tmp_path):
+    st = tiny_spec(tmp_path)
+    cfg = train_config(st, st.variant("A"), 0)
+    tr = Trainer(cfg)
+    pool = tr.control_pool
+    assert pool is not None and "experiment" in pool.groups and len(pool.codes) >= 2
+    drawn = []
+    sample = pool.sample
+    pool.sample = lambda batch, gen: drawn.append((batch, sample(batch, gen))) or drawn[-1][1]
+    it = iter(tr.loader)
+    for step in range(4):
+        assert torch.isfinite(tr.compute_loss(next(it), torch.Generator().manual_seed(step)))
+    for batch, controls in drawn:
+        assert bool(controls["is_control"].all())
+        assert torch.equal(controls["experiment"], batch["experiment"])
+    tr.run_lock.release()
+
+
+def test_tiny_study_report_skip_and_resume(tmp_path):
+    st = tiny_spec(tmp_path)
+    runs = st.study_dir / "runs"
+    # Stopped mid-way: A finished, B half-trained (a checkpoint at 16 of 32 samples), nothing evaluated.
+    units = {u.name: u for u in plan(st)}
+    run_unit(st, units["train/A-s0"])
+    half = train_config(st, st.variant("B"), 0)
+    half.train.total_samples = 16
+    train(half)
+    assert trained(units["train/A-s0"].cfg) and not trained(units["train/B-s0"].cfg)
+    assert run_study(st) == 0
+    assert len(starts(runs / "A-s0")) == 1  # finished: skipped, no trainer started
+    b = starts(runs / "B-s0")
+    assert len(b) == 2 and b[1]["resumed"] and b[1]["samples_seen"] == 16  # resumed from its checkpoint
+    report = (st.study_dir / "report.md").read_text()
+    for col in ("Variant", "Model", "ExaFLOPs", "Flow", "Path", "Coupling", "FD_morph", "KD_morph", "NFE", "w*"):
+        assert f"| {col} " in report or f" {col} |" in report, col
+    assert "Guidance sweep (Table 4 layout)" in report and "## Findings" in report
+    data = json.loads((st.study_dir / "report.json").read_text())
+    rows = {r["name"]: r for r in data["variants"]}
+    for name in "ABC":
+        r = rows[name]
+        assert r["best"] is not None and r["exaflops"] and r["exaflops"] > 0, name
+        assert [c["w"] for c in r["sweep"]] == [1.0, 2.0]
+        assert r["best"]["FD_morph"][0] >= 0 and r["best"]["nfe"][0] >= 2
+    assert rows["A"]["flow"] == "control -> perturbed" and rows["C"]["flow"] == "noise -> data (counterfactual)"
+    assert rows["C"]["exaflops"] == rows["B"]["exaflops"]
+    for line in report.splitlines():  # every grid link points at an evaluation's image
+        if line.startswith("- ") and "](" in line:
+            assert (st.study_dir / line.split("](")[1].rstrip(")")).is_file(), line
+    assert report.count("grid_w") >= 3
+    verdicts = {f["finding"][:20]: f["verdict"] for f in data["findings"]}
+    assert "MiT" in verdicts["noise -> data (B) be"]  # A and B of the MiT: measured
+    assert verdicts["OT couplings (D, E) "].startswith("not measured")
+    # Rerun: nothing trained or evaluated again.
+    stamps = {p: p.stat().st_mtime_ns for p in st.study_dir.glob("evals/*/metrics.json")}
+    assert len(stamps) == 3
+    assert run_study(st) == 0
+    assert len(starts(runs / "A-s0")) == 1 and len(starts(runs / "B-s0")) == 2
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def _row(name, config, arch, fd, kd, ef=1.0, path="linear", sigma=0.1, mode="generate", coupling="independent"):
+    return {"name": name, "config": config, "arch": arch, "path": path, "bridge_sigma": sigma, "eval_mode": mode,
+            "coupling": coupling, "exaflops": ef, "best": {"FD": (fd, 0.0), "KD": (kd, 0.0)}}
+
+
+def test_findings_on_known_numbers():
+    data = {"metrics": ["FD", "KD"], "variants": [
+        _row("A", "A", "unet", 30, 14, coupling="control"), _row("B", "B", "unet", 10, 1.5),
+        _row("C", "C", "unet", 13, 1.1, mode="counterfactual"), _row("D", "D", "unet", 10.5, 1.6, coupling="ot"),
+        _row("E", "E", "unet", 13.6, 2.1, mode="counterfactual", coupling="ot"),
+        _row("Bm", "B", "mit", 9, 0.8, ef=1.05), _row("vp", "", "mit", 9.5, 1, path="vp"),
+        _row("b1", "", "mit", 14, 6, path="bridge", sigma=0.1), _row("b2", "", "mit", 100, 90, path="bridge",
+                                                                     sigma=0.5)]}
+    f = {x["finding"][:12]: x["verdict"] for x in findings(data)}
+    assert f["noise -> dat"].startswith("ADM: holds")
+    assert f["counterfactu"].startswith("ADM: holds")
+    assert f["OT couplings"].startswith("ADM: holds")
+    assert "VP holds close" in f["VP is close "] and "increasingly with sigma: holds" in f["VP is close "]
+    assert "at each's budget: holds" in f["the MiT beat"] and "at equal compute: holds" in f["the MiT beat"]
+    data["variants"][3]["best"]["FD"] = (5.0, 0.0)  # OT now a clear gain
+    assert findings(data)[2]["verdict"].startswith("ADM: does not hold")
+    assert findings({"metrics": ["FD", "KD"], "variants": []})[0]["verdict"] == "not measured in this study"
