@@ -192,3 +192,20 @@ def _primeflow_norman() -> Config:
     c.train.log_every_samples, c.train.ckpt_every_samples = 256 * 200, 256 * 5000
     c.eval.solver, c.eval.steps = "euler", 100
     return c
+
+
+@preset("primeflow-atlas")
+def _primeflow_atlas() -> Config:
+    """PRiMeFlow atlas pretraining: several PerturBench datasets (genetic and chemical perturbations, different
+    cell types and gene panels), each preprocessed alone, on the union of their genes with each dataset's
+    unmeasured genes left out of its loss; the dataset is a covariate; `transfer` split. Finetune on a target
+    with `train.init_from=runs/primeflow-atlas` (docs/finetune.md). Point expr.atlas at the local h5ad files."""
+    c = _primeflow_norman()
+    c.run.name = "primeflow-atlas"
+    c.expr.h5ad = ""
+    c.expr.atlas = ["norman19=data/norman19.h5ad", "srivatsan20=data/srivatsan20.h5ad",
+                    "mcfaline23=data/mcfaline23.h5ad"]
+    c.expr.atlas_genes, c.expr.split_task = "union", "transfer"
+    c.train.total_samples = 256 * 200_000
+    c.train.log_every_samples, c.train.ckpt_every_samples = 256 * 500, 256 * 10_000
+    return c
