@@ -96,6 +96,10 @@ class ExpressionConfig:
     # that dataset's loss) or "intersection" (data/expression_prep.py: align_datasets says why union is default)
     atlas: list[str] = field(default_factory=list)
     atlas_genes: str = "union"
+    # Fixed perturbation vectors beside the learned rows (data/expression_embeddings.py): a table keyed by
+    # component name (gene or compound embeddings), or a compound,smiles CSV (Morgan fingerprints, mol.fp_*).
+    pert_embeddings: str = ""
+    pert_smiles: str = ""
     perturbation_col: str = "condition"
     control_label: str = "control"
     combination_sep: str = "+"

@@ -118,6 +118,11 @@ def _expr_model(cfg: Config, vocab_sizes: dict[str, int], manifest: dict) -> tor
 
     m = cfg.model
     common = {"label_dropout": m.label_dropout, "dose": "dose" in manifest.get("label_columns", ["dose"])}
+    from phenoflow.data.expression_embeddings import perturbation_vectors
+
+    fixed = perturbation_vectors(cfg, manifest)  # gene / compound vectors from a file, or None
+    if fixed is not None:
+        common["fixed_embeddings"] = {"perturbation": fixed}
     if m.arch == "unet":
         opts = {"base_channels": m.unet_base_channels, "channel_mult": tuple(m.unet_channel_mult),
                 "num_res_blocks": m.unet_num_res_blocks, "norm_groups": min(8, m.unet_base_channels)}
