@@ -125,19 +125,23 @@ class Cluster:
         """{global rank: pid} of a node's workers (the launcher's children)."""
         out = {}
         for pid in _children().get(self.procs[node].pid, []):
-            try:
-                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            rank = [e[5:] for e in env if e.startswith(b"RANK=")]
-            if rank:
-                out[int(rank[0])] = pid
+            rank = process_env(pid).get("RANK")
+            if rank is not None:
+                out[int(rank)] = pid
         return out
 
     def live(self) -> list[int]:
         """Processes of the job still alive (launchers and everything under them; zombies excluded)."""
         roots = [p.pid for p in self.procs]
         return [pid for pid in roots + [d for r in roots for d in descendants(r)] if _alive(pid)]
+
+
+def process_env(pid: int) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return {}
+    return dict(e.decode(errors="replace").split("=", 1) for e in raw if b"=" in e)
 
 
 def _children() -> dict[int, list[int]]:

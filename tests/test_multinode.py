@@ -7,9 +7,10 @@
 - World-size changes through `phenoflow train` (ZeRO-2, the recipe's engine): one process -> 2 nodes ->
   1 node (2 processes) -> 2 nodes -> one process, each hop resuming from the previous one's checkpoint.
 - A dead rank stops the job: SIGKILL of one worker of node 1, then (after the rerun) SIGKILL of the whole
-  node 0 (its launcher, which hosts the c10d store, and its workers); every process of every node exits within
-  BOUND_S, a line names the dead rank and its node, and rerunning the same command resumes from the last
-  checkpoint and ends with the same weights as an uninterrupted run.
+  node 0 (its launcher, which hosts the c10d store, and its workers), then SIGSTOP of a worker (frozen: only the
+  watchdog notices); every process of every node exits within BOUND_S (frozen: FROZEN_BOUND_S), a line names
+  the dead rank and its node, and rerunning the same command resumes from the last checkpoint and ends with
+  the same weights as an uninterrupted run.
 - The watchdog alone (tests of phenoflow/train/watchdog.py in subprocesses): a frozen peer, a peer that exited
   with an error, an unreachable store.
 
@@ -31,18 +32,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import test_engine_equivalence as EQ
-from multinode import REPO, TINY, Cluster, train_cmd
+from multinode import REPO, TINY, Cluster, process_env, train_cmd
 
 from phenoflow.train.checkpoint import ema_filename, load_safetensors
 
 ENGINES = ["ddp:0", "deepspeed:2", "deepspeed:3", "fsdp2:0"]
 ZERO2 = ["train.engine=deepspeed", "train.zero_stage=2"]
-TOTAL = 128  # 8 steps of 16 samples (4 ranks x micro-batch 4); a checkpoint every 32 samples
+TOTAL = 160  # 10 steps of 16 samples (4 ranks x micro-batch 4); a checkpoint every 32 samples
 PEER_TIMEOUT_S = 10
 # Death -> every process of the job gone: gloo notices the dead peer's closed sockets at once (a frozen peer:
 # the watchdog after PEER_TIMEOUT_S), the watchdog's naming pass takes 3 heartbeat intervals (3 s here), the
 # launchers react within their monitor interval. Measured 2-11 s on 2 loaded cores; the bound leaves room.
 BOUND_S = PEER_TIMEOUT_S + 20
+# A frozen rank (SIGSTOP: alive, sockets open, so gloo waits): the watchdog ends the others after PEER_TIMEOUT_S,
+# then the frozen rank's own torchrun needs its shutdown grace (SIGTERM, SIGKILL after 30 s) to remove it.
+FROZEN_BOUND_S = PEER_TIMEOUT_S + 30 + 20
 FAIL = [f"train.peer_timeout_s={PEER_TIMEOUT_S}"]
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
@@ -73,8 +77,11 @@ def test_ranks_spread_over_nodes_with_node_local_scratch(parity):
     assert [p["rank"] for p in place] == [0, 1, 2, 3]
     by_node = {n: sorted(p["rank"] for p in place if p["node"] == n) for n in (0, 1)}
     assert sorted(map(len, by_node.values())) == [2, 2], place  # two ranks on each launcher
-    for p in place:  # the node index the launcher gave (GROUP_RANK) is the launcher's; local ranks 0, 1
-        assert p["group_rank"] == p["node"] and p["local_rank"] == p["rank"] % 2, p
+    # c10d numbers the launchers itself (GROUP_RANK; --node-rank is for the static rendezvous): one per launcher
+    assert sorted({p["group_rank"] for p in place if p["node"] == n}.pop() for n in (0, 1)) == [0, 1], place
+    assert all(len({p["group_rank"] for p in place if p["node"] == n}) == 1 for n in (0, 1)), place
+    for p in place:
+        assert p["local_rank"] == p["rank"] % 2 and p["rank"] // 2 == p["group_rank"], p
         assert p["tmpdir"] == str(root / f"node{p['node']}-local" / "tmpdir"), p
 
 
@@ -187,7 +194,8 @@ def _running(pid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def failures(tmp_path_factory):
-    """The reference (uninterrupted, 2 nodes) and one run killed twice and rerun with the same command."""
+    """The reference (uninterrupted, 2 nodes) and one run killed twice, frozen once, each time rerun with the
+    same command."""
     pytest.importorskip("deepspeed")
     root = tmp_path_factory.mktemp("mn-fail")
     cmd = train_cmd(root, "fail", *ZERO2, *FAIL, f"train.total_samples={TOTAL}")
@@ -198,15 +206,26 @@ def failures(tmp_path_factory):
     last = wait_for_checkpoint(run, last, c)
     victims = c.workers(1)
     rank = max(victims)
-    rec["rank"] = {"killed_rank": rank, "checkpoint": last,
+    group = int(process_env(victims[rank])["GROUP_RANK"])
+    rec["rank"] = {"killed_rank": rank, "group_rank": group, "checkpoint": last,
                    "seconds": kill_and_time(c, lambda: os.kill(victims[rank], signal.SIGKILL)),
                    "codes": [p.returncode for p in c.procs], "output": c.output()}
 
     c = Cluster(root).start(cmd, "kill-node")
     last = wait_for_checkpoint(run, last, c)
     node0_ranks = sorted(c.workers(0))
-    rec["node"] = {"killed_ranks": node0_ranks, "checkpoint": last, "seconds": kill_and_time(c, lambda: c.kill_node(0)),
+    group = int(process_env(c.workers(0)[node0_ranks[0]])["GROUP_RANK"])
+    rec["node"] = {"killed_ranks": node0_ranks, "group_rank": group, "checkpoint": last, "seconds": kill_and_time(c, lambda: c.kill_node(0)),
                    "codes": [p.returncode for p in c.procs], "output": c.output()}
+
+    c = Cluster(root).start(cmd, "freeze")
+    last = wait_for_checkpoint(run, last, c)
+    victims = c.workers(1)
+    rank = min(victims)
+    group = int(process_env(victims[rank])["GROUP_RANK"])
+    rec["frozen"] = {"frozen_rank": rank, "group_rank": group, "checkpoint": last,
+                     "seconds": kill_and_time(c, lambda: os.kill(victims[rank], signal.SIGSTOP)),
+                     "codes": [p.returncode for p in c.procs], "output": c.output()}
 
     Cluster(root).run(cmd, "finish")
     (root / "timings.json").write_text(json.dumps({k: v["seconds"] for k, v in rec.items()}))
@@ -220,7 +239,7 @@ def test_killed_rank_stops_every_node_within_the_bound(failures):
     assert r["seconds"] < BOUND_S, r["seconds"]
     assert all(code != 0 for code in r["codes"]), r["codes"]
     rank = r["killed_rank"]
-    assert f"rank {rank} (node 1, host" in r["output"] and "stopped answering: it died" in r["output"], \
+    assert f"rank {rank} (node {r['group_rank']}, host" in r["output"] and "stopped answering: it died" in r["output"], \
         r["output"][-5000:]
     assert "Rerun the same command to resume from the last checkpoint" in r["output"]
 
@@ -233,14 +252,25 @@ def test_killed_node_stops_the_other_node_within_the_bound(failures):
     assert r["codes"][1] != 0, r["codes"]
     out = r["output"].split("===== node 1 =====")[1]
     assert "the node hosting it (node 0's launcher or rank 0) has died" in out or \
-        "(node 0, host" in out and "stopped answering" in out, out[-5000:]
+        f"(node {r['group_rank']}, host" in out and "stopped answering" in out, out[-5000:]
+
+
+def test_frozen_rank_is_detected_by_the_watchdog(failures):
+    """SIGSTOP: nothing closes, gloo would wait for its timeout (30 min); the heartbeats stop."""
+    _, rec = failures
+    r = rec["frozen"]
+    print(f"SIGSTOP of rank {r['frozen_rank']}: whole job gone after {r['seconds']:.1f} s")
+    assert r["seconds"] < FROZEN_BOUND_S, r["seconds"]
+    assert all(code != 0 for code in r["codes"]), r["codes"]
+    assert f"from rank {r['frozen_rank']} (node {r['group_rank']}, host" in r["output"] and "died or hung" in r["output"], \
+        r["output"][-5000:]
 
 
 def test_rerun_resumes_from_the_last_checkpoint_exactly(failures):
     root, rec = failures
     st = starts(root / "fail")
-    assert [s["resumed"] for s in st] == [False, True, True]
-    assert [s["samples_seen"] for s in st[1:]] == [rec["rank"]["checkpoint"], rec["node"]["checkpoint"]]
+    assert [s["resumed"] for s in st] == [False, True, True, True]
+    assert [s["samples_seen"] for s in st[1:]] == [rec[k]["checkpoint"] for k in ("rank", "node", "frozen")]
     assert all(s["world_size"] == 4 for s in st)
     for f in ("model.safetensors", ema_filename(0.01), ema_filename(0.05)):
         a = load_safetensors(root / "ref" / "export" / f)
