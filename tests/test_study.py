@@ -182,3 +182,27 @@ def test_findings_on_known_numbers():
     data["variants"][3]["best"]["FD"] = (5.0, 0.0)  # OT now a clear gain
     assert findings(data)[2]["verdict"].startswith("ADM: does not hold")
     assert findings({"metrics": ["FD", "KD"], "variants": []})[0]["verdict"] == "not measured in this study"
+
+
+def test_cli_yaml_study_with_parallel_jobs(tmp_path, capsys):
+    import yaml
+
+    from phenoflow.cli import main
+
+    spec = tmp_path / "two.yaml"
+    spec.write_text(yaml.safe_dump({
+        "name": "two", "base": "demo",
+        "overrides": [*TINY, *EVAL, "train.total_samples=16", "train.tensorboard=false", "train.snapshots=false"],
+        "protocol": ["eval.guidance=[1]", "eval.max_images=8", "eval.features=[morphology]"],
+        "variants": [{"name": "B", "config": "B"}, {"name": "D", "config": "D", "overrides": ["flow.coupling=ot"]}]}))
+    assert main(["study", str(spec), "--out", str(tmp_path / "studies"), "--jobs", "2"]) == 0
+    sd = tmp_path / "studies" / "two"
+    status = json.loads((sd / "status.json").read_text())
+    assert set(status) == {"train/B-s0", "train/D-s0", "eval/B-s0", "eval/D-s0"}
+    assert all(v["state"] == "done" for v in status.values())
+    assert {p.name for p in (sd / "logs").iterdir()} == {"train_B-s0.log", "train_D-s0.log", "eval_B-s0.log",
+                                                          "eval_D-s0.log"}  # each unit its own process
+    data = json.loads((sd / "report.json").read_text())
+    assert all(r["best"] is not None for r in data["variants"])
+    assert "OT couplings (D, E) give no gain" in (sd / "report.md").read_text()
+    assert main(["study", "--list"]) == 0 and "mit-design-space" in capsys.readouterr().out
