@@ -52,6 +52,7 @@ RESUME_ALLOWED = {
     "train.micro_batch_size", "train.zero_stage", "train.cpu_offload", "train.deepspeed_config", "train.compile",
     "train.activation_checkpointing", "model.kernels", "model.attn_backend", "data.num_workers", "data.backend",
     "data.checksums", "data.bad_sample_policy", "data.channels_last",
+    "train.peer_timeout_s", "train.collective_timeout_s",  # failure detection (docs/distributed.md)
 }
 RESUME_ALLOWED_SECTIONS = ("eval.", "run.")
 # Interval, retention and reporting settings (e.g. train.log_every_steps, train.keep_snapshots, train.peak_tflops).

@@ -137,3 +137,11 @@ def test_expression_sample_command_writes_named_cells(expr_run, tmp_path, capsys
     assert set(ad.obs["condition"]) == {f"{a}+{b}"} and ad.uns["phenoflow"]["w"] == 2.0
     assert main(["sample", "--run-dir", str(expr_run), "--perturbation", "NOPE", "-n", "1"]) == 2
     assert "unknown perturbation 'NOPE'" in capsys.readouterr().err
+
+
+def test_resume_may_change_failure_detection_timeouts_not_the_model():
+    from phenoflow.run_config import resume_allowed
+
+    assert resume_allowed("train.peer_timeout_s") and resume_allowed("train.collective_timeout_s")
+    assert resume_allowed("train.total_samples") and resume_allowed("eval.guidance")
+    assert not resume_allowed("model.hidden_size") and not resume_allowed("train.lr")
