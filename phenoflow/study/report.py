@@ -89,7 +89,8 @@ def collect(study: Study) -> dict[str, Any]:
         cfg = mine[0].cfg if mine else None
         seeds, state = [], []
         for u in mine:
-            st = status.get(u.name, {"state": "not run"})
+            st = status.get(u.name) or ({"state": "unsupported", "message": u.error} if u.error else
+                                        {"state": "not run"})
             state.append({"unit": u.name, **st})
             res = None if u.error else _json(eval_dir(study, u) / "metrics.json")
             if res is None:
@@ -114,6 +115,8 @@ def collect(study: Study) -> dict[str, Any]:
                         "sampler": _sampler(cfg), "solver": cfg.eval.solver, "rtol": cfg.eval.rtol,
                         "steps": cfg.eval.steps, "total_samples": cfg.train.total_samples})
         variants.append(row)
+    if not features:  # nothing evaluated yet: the protocol's feature sets
+        features = next((list(u.cfg.eval.features) for u in evals if not u.error), [])
     metric_cols = [m for f in features for m in METRIC_NAMES.get(f, (f"FD_{f}", f"KD_{f}"))]
     for row in variants:
         _summarise(row, metric_cols)
@@ -151,7 +154,9 @@ def _fmt(ms: tuple[float, float] | None, n: int, digits: int = 3) -> str:
 
 
 def _table(head: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows)]
+    esc = (lambda cells: [str(c).replace("|", "\\|") for c in cells])
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+            *("| " + " | ".join(esc(r)) + " |" for r in rows)]
 
 
 def _not_run(row: dict[str, Any]) -> str:
@@ -236,6 +241,7 @@ def write_study_report(study: Study) -> Path:
     from phenoflow.study.findings import findings
 
     sd = study.study_dir
+    sd.mkdir(parents=True, exist_ok=True)
     data = collect(study)
     data["findings"] = findings(data)
     lines = [f"# Study {study.name}", ""]

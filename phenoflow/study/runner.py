@@ -21,6 +21,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -233,12 +234,11 @@ def _run_parallel(study: Study, units: list[Unit], jobs: int, spec_arg: list[str
             logf = open(study.study_dir / "logs" / (u.name.replace("/", "_") + ".log"), "a")  # noqa: SIM115
             cmd = [sys.executable, "-m", "phenoflow", "study", *spec_arg, "--unit", u.name]
             running.append((u, subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT), logf))
-        u, p, logf = running[0]
-        for cand in running:  # the first to finish
-            if cand[1].poll() is not None:
-                u, p, logf = cand
-                break
-        p.wait()
+        done = [c for c in running if c[1].poll() is not None]
+        if not done:
+            time.sleep(0.5)
+            continue
+        u, p, logf = done[0]
         logf.close()
         running.remove((u, p, logf))
         out[u.name] = ("done", "") if p.returncode == 0 else (
