@@ -79,6 +79,15 @@ def test_builtin_studies_follow_the_paper(tmp_path):
     assert ds.variant("C-mit").reuse == "B-mit" and ds.variant("C-mit").eval_mode == "counterfactual"
     assert ds.variant("E-mit").reuse == "D-mit" and ds.variant("E-mit").eval_mode == "counterfactual"
     assert all(u.cfg.model.arch == "unet" or u.error for n, u in units.items() if "-adm" in n)
+    assert ds.seeds == [0, 1] and "train/B-mit-s1" in units
+    # The report before any run: every variant listed, a refused one with the reason, the protocol's columns.
+    from phenoflow.study.report import write_study_report
+
+    md = write_study_report(ds).read_text()
+    assert "| FD_morph | KD_morph |" in md and md.count("| A-") == 2 and "| E-mit" in md
+    for line in (x for x in md.splitlines() if x.startswith("| ") and "-adm " in x):
+        refused = units[f"eval/{line[2:].split()[0]}-s0"].error
+        assert ("unsupported: " + refused.splitlines()[0][:40] if refused else "| not run |") in line, line
     sp = builtin("sampling", "full", str(tmp_path))
     trains = [u for u in plan(sp) if u.kind == "train"]
     assert {u.variant for u in trains} == {"train-B"} and len(trains) == 3
