@@ -215,3 +215,21 @@ def test_cli_yaml_study_with_parallel_jobs(tmp_path, capsys):
     assert all(r["best"] is not None for r in data["variants"])
     assert "OT couplings (D, E) give no gain" in (sd / "report.md").read_text()
     assert main(["study", "--list"]) == 0 and "mit-design-space" in capsys.readouterr().out
+
+
+def test_sampler_verdicts_against_the_reference():
+    from phenoflow.study.report import solver_table, solver_verdicts
+
+    def row(name, solver, rtol, fd, nfe):
+        return {"name": name, "solver": solver, "rtol": rtol, "sampler": name, "seeds": [{}],
+                "best": {"w": 1.0, "FD": (fd, 0.0), "KD": (1.0, 0.0), "nfe": (nfe, 0.0)}}
+
+    data = {"metrics": ["FD", "KD"], "variants": [
+        row("dopri5-1e-3", "dopri5", 1e-3, 10.2, 60), row("ref", "dopri5", 1e-5, 10.0, 120),
+        row("heun-20", "heun", 1e-5, 10.4, 40), row("euler-50", "euler", 1e-5, 10.0, 80),
+        row("euler-10", "euler", 1e-5, 14.0, 10)]}
+    ref, v = solver_verdicts(data)
+    assert ref == "ref" and v["ref"] == "reference"
+    assert v["heun-20"].startswith("reaches") and v["dopri5-1e-3"].startswith("reaches")
+    assert v["euler-50"].startswith("does not reach") and v["euler-10"].startswith("does not reach")
+    assert "Reaching the goal: dopri5-1e-3, heun-20." in "\n".join(solver_table(data))

@@ -214,15 +214,47 @@ def has_samplers(data: dict[str, Any]) -> bool:
     return len({r.get("sampler") for r in data["variants"] if r["best"] is not None}) > 1
 
 
+FD_SAME = 1.05  # "the same FD": at most 5% above the reference's
+
+
+def solver_verdicts(data: dict[str, Any]) -> tuple[str | None, dict[str, str]]:
+    """Against the reference (the dopri5 variant with the smallest rtol): does each sampler reach the same FD
+    (<= 1.05 x) at half the NFE or less? Returns (reference name, {variant: verdict})."""
+    fd = data["metrics"][0] if data["metrics"] else None
+    rows = [r for r in data["variants"] if r["best"] is not None and fd]
+    refs = sorted((r for r in rows if r["solver"] == "dopri5"), key=lambda r: r["rtol"])
+    if not refs:
+        return None, {}
+    ref = refs[0]
+    f0, n0 = ref["best"][fd][0], ref["best"]["nfe"][0]
+    out = {}
+    for r in rows:
+        if r is ref:
+            out[r["name"]] = "reference"
+            continue
+        f, n = r["best"][fd][0], r["best"]["nfe"][0]
+        ok = f <= FD_SAME * f0 and n <= 0.5 * n0
+        out[r["name"]] = (f"{'reaches' if ok else 'does not reach'} it ({fd} {f / f0:.2f}x, NFE {n / n0:.2f}x "
+                          f"of the reference)")
+    return ref["name"], out
+
+
 def solver_table(data: dict[str, Any]) -> list[str]:
     cols = data["metrics"][:2]
+    ref, verdicts = solver_verdicts(data)
     rows = []
     for r in data["variants"]:
         if r["best"] is None:
             continue
         rows.append([r["name"], r["sampler"], _fmt(r["best"]["nfe"], len(r["seeds"])),
-                     *[_fmt(r["best"][m], len(r["seeds"])) for m in cols], f"{r['best']['w']:g}"])
-    return _table(["Variant", "Sampler", "NFE", *cols, "w*"], rows)
+                     *[_fmt(r["best"][m], len(r["seeds"])) for m in cols], f"{r['best']['w']:g}",
+                     verdicts.get(r["name"], "-")])
+    head = "The goal: the reference's FD (at most 5% above it) at half its NFE or less." if ref else \
+        "No dopri5 variant: no reference."
+    reached = [n for n, v in verdicts.items() if v.startswith("reaches")]
+    tail = (f"Reference: {ref}. Reaching the goal: {', '.join(reached) if reached else 'none'}." if ref else "")
+    return [head, "", *_table(["Variant", "Sampler", "NFE", *cols, "w*", "same FD at <= half the NFE"], rows),
+            "", tail]
 
 
 def grid_links(data: dict[str, Any], study_dir: Path) -> list[str]:
@@ -244,6 +276,8 @@ def write_study_report(study: Study) -> Path:
     sd.mkdir(parents=True, exist_ok=True)
     data = collect(study)
     data["findings"] = findings(data)
+    ref, verdicts = solver_verdicts(data)
+    data["samplers"] = {"reference": ref, "verdicts": verdicts}
     lines = [f"# Study {study.name}", ""]
     if study.description:
         lines += [study.description, ""]
