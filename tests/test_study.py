@@ -233,3 +233,44 @@ def test_sampler_verdicts_against_the_reference():
     assert v["heun-20"].startswith("reaches") and v["dopri5-1e-3"].startswith("reaches")
     assert v["euler-50"].startswith("does not reach") and v["euler-10"].startswith("does not reach")
     assert "Reaching the goal: dopri5-1e-3, heun-20." in "\n".join(solver_table(data))
+
+
+def test_killed_study_process_resumes(tmp_path):
+    """`phenoflow study` killed (SIGKILL) while its second variant trains: the rerun skips the first, resumes the
+    second from its last checkpoint, evaluates both."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    spec = tmp_path / "k.yaml"
+    spec.write_text(yaml.safe_dump({
+        "name": "k", "base": "demo", "out_dir": str(tmp_path / "studies"),
+        "overrides": [*TINY, *EVAL, "train.tensorboard=false", "train.snapshots=false",
+                      "train.ckpt_every_samples=16", "train.log_every_samples=16"],
+        "protocol": ["eval.guidance=[1]", "eval.max_images=8", "eval.features=[morphology]"],
+        "variants": [{"name": "B", "config": "B", "overrides": ["train.total_samples=16"]},
+                     {"name": "D", "config": "D", "overrides": ["flow.coupling=ot", "train.total_samples=1600"]}]}))
+    runs = tmp_path / "studies" / "k" / "runs"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "phenoflow", "study", str(spec)], env=env, start_new_session=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = runs / "D-s0" / "log.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and p.poll() is None:
+        if log.is_file() and '"event": "checkpoint"' in log.read_text():
+            break
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert '"event": "checkpoint"' in log.read_text() and not (runs / "D-s0" / "export").exists()
+    st = spec_mod.load(spec)
+    st.variants[1].overrides = ["flow.coupling=ot", "train.total_samples=64"]  # finish quickly (an allowed change)
+    assert run_study(st) == 0
+    assert len(starts(runs / "B-s0")) == 1
+    d = starts(runs / "D-s0")
+    assert len(d) == 2 and d[1]["resumed"] and d[1]["samples_seen"] > 0
+    assert all((tmp_path / "studies" / "k" / "evals" / f"{v}-s0" / "metrics.json").is_file() for v in "BD")
