@@ -274,3 +274,30 @@ def test_killed_study_process_resumes(tmp_path):
     d = starts(runs / "D-s0")
     assert len(d) == 2 and d[1]["resumed"] and d[1]["samples_seen"] > 0
     assert all((tmp_path / "studies" / "k" / "evals" / f"{v}-s0" / "metrics.json").is_file() for v in "BD")
+
+
+def test_config_a_sampling_starts_from_same_experiment_controls(tmp_path):
+    import phenoflow.eval.generate as gen_mod
+    from phenoflow.data.prepare import prepare_data
+    from phenoflow.study.control_eval import (
+        _eval_split_controls,
+        control_source_sampling,
+    )
+
+    st = tiny_spec(tmp_path)
+    cfg = train_config(st, st.variant("A"), 0)
+    data = prepare_data(cfg)
+    pool, experiment_of = _eval_split_controls(cfg, data)
+    keys = sorted(experiment_of)[:6]
+    shape = tuple(pool.images[next(iter(pool.images))][0].shape)
+    noise = gen_mod.sample_noise(keys, shape, 3)
+    with control_source_sampling(cfg, data):
+        x0 = gen_mod.sample_noise(keys, shape, 3)
+    assert gen_mod.sample_noise.__name__ == "sample_noise"  # restored
+    for i, k in enumerate(keys):
+        c = (x0[i] - cfg.flow.control_noise * noise[i] + 1) * 127.5  # back to the control's pixels
+        pool_e = torch.stack(pool.images[experiment_of[k]])
+        assert ((pool_e.float() - c).abs().flatten(1).amax(1) < 1e-3).any(), k  # a control of its experiment
+        others = [e for e in pool.images if e != experiment_of[k]]
+        assert not any(((torch.stack(pool.images[e]).float() - c).abs().flatten(1).amax(1) < 1e-3).any()
+                       for e in others)
