@@ -169,11 +169,21 @@ def check_modality(cfg: Any) -> None:
     """The model and data fields of the chosen modality (phenoflow/modalities.py)."""
     d, m, e = cfg.data, cfg.model, cfg.expr
     if d.modality == "microscopy":
-        if m.arch != "mit":
-            raise ConfigError(f"model.arch={m.arch!r} is an expression model; data.modality=microscopy trains mit")
+        if m.arch not in ("mit", "unet"):
+            raise ConfigError(f"model.arch={m.arch!r} is an expression model; data.modality=microscopy trains mit "
+                              "or unet (the ADM U-Net)")
         if d.source == "anndata":
             raise ConfigError("data.source=anndata needs data.modality=expression")
-        check_model_shape(cfg)
+        if m.arch == "mit":
+            check_model_shape(cfg)
+            return
+        for key in ("model.unet_base_channels", "model.unet_num_res_blocks"):
+            if not _get(cfg, key) > 0:
+                raise ConfigError(f"{key}={_get(cfg, key)!r} must be > 0")
+        if not m.unet_channel_mult or any(c <= 0 for c in m.unet_channel_mult):
+            raise ConfigError(f"model.unet_channel_mult={m.unet_channel_mult} must be a non-empty list of positive ints")
+        if m.unet_base_channels > 32 and m.unet_base_channels % 32:  # GroupNorm(32) over every level's channels
+            raise ConfigError(f"model.unet_base_channels={m.unet_base_channels} must be a multiple of 32 (or below 32)")
         return
     if m.arch not in ("unet", "mlp"):
         raise ConfigError(f"model.arch={m.arch!r}: data.modality=expression trains unet or mlp")

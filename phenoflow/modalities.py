@@ -56,10 +56,27 @@ def _image_vocab_sizes(manifest: dict) -> dict[str, int]:
     return {g: len(vocabs[g]) for g in LABEL_GROUPS if g in vocabs}
 
 
-def _image_model(cfg: Config, vocab_sizes: dict[str, int], manifest: dict) -> torch.nn.Module:
+def image_network(cfg: Config, vocab_sizes: dict[str, int]) -> torch.nn.Module:
+    """The image velocity field: the MiT (model.arch=mit), or the ADM-style 2D U-Net (model.arch=unet; the MiT
+    paper's Configs A-E baseline; base model.unet_base_channels, levels model.unet_channel_mult, 2D attention
+    below full resolution, dropout model.proj_dropout)."""
+    if cfg.model.arch == "unet":
+        from phenoflow.model.unet import build_unet2d
+
+        m, d = cfg.model, cfg.data
+        model = build_unet2d(d.image_size, d.channels, vocab_sizes, base_channels=m.unet_base_channels,
+                             channel_mult=list(m.unet_channel_mult), num_res_blocks=m.unet_num_res_blocks,
+                             dropout=m.proj_dropout, norm_groups=min(32, m.unet_base_channels),
+                             head_channels=min(64, m.unet_base_channels), label_dropout=m.label_dropout)
+        model.sample_shape = (d.channels, d.image_size, d.image_size)  # for the FLOP count
+        return model
     from phenoflow.model.mit import build_model
 
-    model = build_model(cfg, vocab_sizes)
+    return build_model(cfg, vocab_sizes)
+
+
+def _image_model(cfg: Config, vocab_sizes: dict[str, int], manifest: dict) -> torch.nn.Module:
+    model = image_network(cfg, vocab_sizes)
     if cfg.mol.conditioning == "adaptor":  # molecule vectors of the labels -> the adaptor (docs/molecules.md)
         from phenoflow.data.molecules import build_molecule_table, data_dir_of
         from phenoflow.model.molecule_adaptor import attach_adaptor
@@ -83,9 +100,20 @@ def _image_batch(cfg: Config, batch: dict, gen: torch.Generator, dev: torch.devi
 
 
 def _image_flops(model: torch.nn.Module) -> float:
-    from phenoflow.model.flops import train_flops_per_image
+    """MiT: the analytic FLOP model (model/flops.py). U-Net: torch's FLOP counter on one forward of one sample
+    (convolutions and matmuls), times 3 for forward + backward."""
+    if hasattr(model, "shape"):
+        from phenoflow.model.flops import train_flops_per_image
 
-    return train_flops_per_image(model.shape)
+        return train_flops_per_image(model.shape)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    p = next(model.parameters())
+    x = torch.zeros((1, *model.sample_shape), device=p.device, dtype=p.dtype)
+    labels = {g: torch.zeros(1, dtype=torch.long, device=p.device) for g in model.num_classes}
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x, torch.zeros(1, device=p.device), labels)
+    return 3.0 * counter.get_total_flops()
 
 
 def _image_control_groups(manifest: dict) -> tuple[str, ...]:

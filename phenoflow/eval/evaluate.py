@@ -103,7 +103,7 @@ def mean_over_ranks(value: float) -> float:
 # ---- model and data ---------------------------------------------------------------------------------------
 def load_export(run_dir: str | Path, ema_std: float | None = None) -> tuple[torch.nn.Module, Config, dict[str, int]]:
     """Build the model from run_dir/export (model.json + ema-<std>.safetensors, or model.safetensors for std 0)."""
-    from phenoflow.model.mit import build_model
+    from phenoflow.modalities import image_network
     from phenoflow.train.checkpoint import ema_filename, load_safetensors, load_weights
 
     export = Path(run_dir) if (Path(run_dir) / "model.json").is_file() else Path(run_dir) / "export"  # or an export
@@ -118,7 +118,7 @@ def load_export(run_dir: str | Path, ema_std: float | None = None) -> tuple[torc
     if not wfile.is_file():
         have = sorted(p.name for p in export.glob("*.safetensors"))
         raise FileNotFoundError(f"weights {wfile} do not exist (eval.ema_std={std}); export has {have}")
-    model = build_model(cfg, vocab_sizes)
+    model = image_network(cfg, vocab_sizes)  # the MiT or the ADM U-Net (model.arch)
     state = load_safetensors(wfile)
     from phenoflow.model.molecule_adaptor import attach_from_state
 
@@ -371,8 +371,10 @@ def evaluate(cfg: Config, run_dir: str | Path | None = None, model: torch.nn.Mod
     sweep, grids = [], []
     for w in cfg.eval.guidance:
         t0 = time.perf_counter()
-        gen, labels, nfe = generate(model, batches, cfg.eval, w, device, seed=seed, mode=mode, controls=controls,
+        gen_batches = extras.with_controls(batches) if extras is not None else batches  # + the report's controls
+        gen, labels, nfe = generate(model, gen_batches, cfg.eval, w, device, seed=seed, mode=mode, controls=controls,
                                     progress=progress and rank == 0)
+        gen, labels, report_ctrl = extras.split(gen, labels) if extras is not None else (gen, labels, None)
         seconds = time.perf_counter() - t0
         nfe = mean_over_ranks(nfe)  # adaptive solvers: each rank's batches take their own number of steps
         tag = f"w{w:g}"
@@ -396,7 +398,7 @@ def evaluate(cfg: Config, run_dir: str | Path | None = None, model: torch.nn.Mod
             row["per_perturbation"] = per_pert
         sweep.append(row)
         if extras is not None:  # rank 0: control row, effects and means for the report (cheap)
-            ctrl = extras.add(model, w, real_images, real_pert, gen, labels, device, seed, mode, controls)
+            ctrl = extras.add(model, w, real_images, real_pert, gen, labels, device, seed, mode, controls, report_ctrl)
             rows = grid_rows(real_images, real_pert, gen, labels["perturbation"], pert_names, control=ctrl)
             grids.append(save_grid(rows, report_dir / f"grid_{tag}.png", title=f"w = {w:g}").name)
             log.info("w=%g NFE=%.1f %s", w, nfe, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
