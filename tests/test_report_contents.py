@@ -157,3 +157,36 @@ def test_no_dict_reprs_and_integer_nfe(report, tmp_path):
     md2 = (write_report(tmp_path, results) / "metrics.md").read_text()
     assert "| 1.500 | 38 | 12,346 | 0.500 |" in md2 and "Sampler: dopri5, rtol 1e-05, atol 1e-05." in md2
     assert "{" not in md2 and "Model: not recorded." in md2
+
+
+def test_report_controls_leave_scored_images_unchanged(tmp_path):
+    """The report's control rows ride in the sweep's last batch (fixed-step solver): same scored images, same NFE."""
+    from phenoflow.eval.generate import generate
+    from phenoflow.eval.report_extras import MAX_CONTROLS, ReportExtras
+    from phenoflow.model.mit import build_model
+
+    cfg = resolve("demo", TINY)
+    torch.manual_seed(0)
+    model = build_model(cfg, {"perturbation": P + 1, "experiment": 2, "cell_type": 1})
+    torch.nn.init.normal_(model.final_layer.linear.weight, std=0.02)  # a non-zero velocity field
+
+    def batch(n, pert, start):
+        return {"image": torch.randint(0, 255, (n, 6, 16, 16), dtype=torch.uint8),
+                "perturbation": torch.full((n,), pert), "experiment": torch.arange(n) % 2,
+                "cell_type": torch.zeros(n, dtype=torch.long), "dose": torch.zeros(n),
+                "is_control": torch.full((n,), pert == 0), "key": [f"k{start + i:04d}" for i in range(n)]}
+
+    scored = [batch(5, 1, 0), batch(3, 2, 10)]
+    read = [batch(6, 0, 100), batch(6, 0, 200)]
+    extras = ReportExtras(cfg, tmp_path, {}, read, ["control"] + [f"gene_{k:02d}" for k in range(1, P + 1)], False)
+    merged = extras.with_controls(scored)
+    assert [len(b["key"]) for b in merged] == [5, 3 + MAX_CONTROLS]
+    gen, labels, nfe = generate(model, merged, cfg.eval, 2.0)
+    gen, labels, ctrl = extras.split(gen, labels)
+    ref, ref_labels, ref_nfe = generate(model, scored, cfg.eval, 2.0)
+    assert torch.equal(gen, ref) and labels["key"] == ref_labels["key"] and nfe == ref_nfe
+    assert ctrl.shape == (MAX_CONTROLS, 6, 16, 16)
+    row = extras.add(model, 2.0, torch.cat([b["image"] for b in scored]), torch.tensor([1] * 5 + [2] * 3), gen,
+                     labels, torch.device("cpu"), 0, "generate", None, ctrl)
+    assert row[0].shape[0] == MAX_CONTROLS and torch.equal(row[1], ctrl)
+    assert extras.results()["report_per_w"][0]["morphology_means"]["control"]["n_generated"] == MAX_CONTROLS

@@ -4,6 +4,11 @@ provenance.
 Control images are not generated or scored by the MiT protocol (eval.include_controls=false); for the grids'
 control row and for the effects table (perturbation against control) up to MAX_CONTROLS control images of the
 eval split are generated per guidance strength, with the same sampler. They are not part of any metric.
+With a fixed-step solver (euler, heun) they are appended to the last scored batch (`with_controls`, `split`): the
+noise is drawn per sample key and every sample takes the same steps, so the scored images do not change and the
+cost is MAX_CONTROLS more rows in one batch, no extra solve. An adaptive solver chooses its steps per batch, so
+there they are generated in a separate solve (`add`). The effects' generated control means are averages over
+those few images.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ import torch
 from phenoflow.eval import effects as fx
 
 log = logging.getLogger(__name__)
-MAX_CONTROLS = 32  # control images generated per w for the report (one batch)
+MAX_CONTROLS = 8  # control images generated per w for the report (cheap: one small batch)
 
 
 def _control_batches(read: list[dict[str, Any]], cap: int) -> list[dict[str, Any]]:
@@ -72,15 +77,40 @@ class ReportExtras:
     def _name(self, i: int) -> str:
         return self.pert_names[i] if i < len(self.pert_names) else str(i)
 
+    def with_controls(self, batches: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The sweep's batches with the report's control rows appended to the last one (fixed-step solvers only,
+        where that changes no scored image; see the module docstring)."""
+        self._appended = 0
+        fixed = str(self.cfg.eval.solver) in ("euler", "heun")
+        if not (fixed and self.ctrl_batches and batches) or self.cfg.eval.include_controls:
+            return batches
+        last, extra = batches[-1], self.ctrl_batches
+        try:
+            merged = {k: (torch.cat([v] + [b[k] for b in extra]) if isinstance(v, torch.Tensor)
+                          else list(v) + [x for b in extra for x in b[k]]) for k, v in last.items()}
+        except (RuntimeError, KeyError, TypeError):
+            return batches
+        self._appended = sum(len(b["key"]) for b in extra)
+        return batches[:-1] + [merged]
+
+    def split(self, gen: torch.Tensor, labels: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any], Any]:
+        """(scored images, their labels, the appended control images or None) of a with_controls generation."""
+        n = getattr(self, "_appended", 0)
+        if not n:
+            return gen, labels, None
+        return gen[:-n], {k: v[:-n] for k, v in labels.items()}, gen[-n:]
+
     def add(self, model: torch.nn.Module, w: float, real: torch.Tensor, real_pert: torch.Tensor,
             gen: torch.Tensor, gen_labels: dict[str, Any], device: torch.device, seed: int, mode: str,
-            controls: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+            controls: Any, ctrl_gen: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Generate this w's control images (unless the sweep did), measure; returns the grid's control row."""
         from phenoflow.eval.generate import generate
 
         gen_ctrl_mask = gen_labels["is_control"].bool()
         if bool(gen_ctrl_mask.any()):  # eval.include_controls: the sweep generated them
             ctrl_gen = gen[gen_ctrl_mask][:MAX_CONTROLS]
+        elif ctrl_gen is not None:  # appended to the sweep's last batch (with_controls)
+            pass
         elif self.ctrl_batches:
             ctrl_gen, _, _ = generate(model, self.ctrl_batches, self.cfg.eval, w, device, seed=seed, mode=mode,
                                       controls=controls, progress=False)
