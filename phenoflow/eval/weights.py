@@ -64,22 +64,30 @@ def load_into(module: torch.nn.Module, path: str | Path, strip_prefixes: Iterabl
         if state and all(k.startswith(p) for k in state):
             state = {k[len(p):]: v for k, v in state.items()}
     own = module.state_dict()
-    optional = tuple(optional)
-    missing = [k for k in own if k not in state and not k.endswith(optional)]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs network {tuple(own[k].shape)}"
-              for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {missing[:4]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:4]})")
-        if shapes:
-            parts.append(f"{len(shapes)} shape mismatches (e.g. {shapes[:3]})")
+    parts = state_problems(own, state, tuple(optional), "network")
+    if parts:
         raise WeightsError(f"{path} does not match {type(module).__name__}: " + "; ".join(parts))
     module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     return module
+
+
+def state_problems(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], optional: tuple[str, ...],
+                   what: str, floating: bool = False) -> list[str]:
+    """What keeps `state` from loading into a network whose state dict is `own`: missing keys (but `optional`
+    suffixes), unexpected keys, shape mismatches and, with `floating`, non-floating tensors where the network has
+    floating ones; each with its count and the first few offenders. Empty when it loads."""
+    missing = [k for k in own if k not in state and not k.endswith(optional)]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: file {tuple(state[k].shape)}, {what} {tuple(own[k].shape)}"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    dtypes = [f"{k}: {state[k].dtype}" for k in own if floating and k in state and own[k].is_floating_point()
+              and not state[k].is_floating_point()]
+    parts = []
+    for items, label, n in ((missing, "missing keys", 4), (unexpected, "unexpected keys", 4),
+                            (shapes, "shape mismatches", 3), (dtypes, "tensors that are not floating point", 3)):
+        if items:
+            parts.append(f"{len(items)} {label} (e.g. {items[:n]})")
+    return parts
 
 
 def save_state_dict(module: torch.nn.Module, path: str | Path) -> Path:

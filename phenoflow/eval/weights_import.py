@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from phenoflow.eval.weights import WeightsError, read_state_dict
+from phenoflow.eval.weights import WeightsError, read_state_dict, state_problems
 
 
 @dataclass(frozen=True)
@@ -98,21 +98,7 @@ def check_state(path: Path, state: dict[str, torch.Tensor], net: torch.nn.Module
     anything else is a WeightsError naming the file and the first offending keys. Returns the state dict in the
     network's key order."""
     own = net.state_dict()
-    missing = [k for k in own if k not in state and not k.endswith(optional)]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k}: file {tuple(state[k].shape)}, {what} {tuple(own[k].shape)}"
-              for k in own if k in state and state[k].shape != own[k].shape]
-    dtypes = [f"{k}: {state[k].dtype}" for k in own if k in state and own[k].is_floating_point()
-              and not state[k].is_floating_point()]
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing keys (e.g. {missing[:4]})")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:4]})")
-    if shapes:
-        parts.append(f"{len(shapes)} shape mismatches (e.g. {shapes[:3]})")
-    if dtypes:
-        parts.append(f"{len(dtypes)} tensors that are not floating point (e.g. {dtypes[:3]})")
+    parts = state_problems(own, state, optional, what, floating=True)
     if parts:
         raise WeightsError(f"{path} is not the {what} checkpoint: " + "; ".join(parts) + "; nothing was written")
     return {k: state[k] for k in own if k in state}
