@@ -4,7 +4,6 @@ checkpoint and exports the same weights as an uninterrupted run; the stopped run
 process (world size 2 -> 1) and finishes."""
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -14,16 +13,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import expression_engine_worker as EW
 from test_engine_equivalence import torchrun
+from test_engine_trainer import events, tag_of
 
 from phenoflow.train.checkpoint import ema_filename, load_safetensors
 from phenoflow.train.trainer import Trainer
 
 ENGINES = ["ddp:0", "deepspeed:2", "fsdp2:0"]
-
-
-def tag_of(spec: str) -> str:
-    name, stage = spec.split(":")
-    return name if name != "deepspeed" else f"zero{stage}"
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +27,6 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("expr_engines")
     torchrun("expression_engine_worker.py", str(out), ",".join(ENGINES), timeout=900)
     return out
-
-
-def events(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.slow
