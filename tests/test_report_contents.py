@@ -188,5 +188,6 @@ def test_report_controls_leave_scored_images_unchanged(tmp_path):
     assert ctrl.shape == (MAX_CONTROLS, 6, 16, 16)
     row = extras.add(model, 2.0, torch.cat([b["image"] for b in scored]), torch.tensor([1] * 5 + [2] * 3), gen,
                      labels, torch.device("cpu"), 0, "generate", None, ctrl)
-    assert row[0].shape[0] == MAX_CONTROLS and torch.equal(row[1], ctrl)
-    assert extras.results()["report_per_w"][0]["morphology_means"]["control"]["n_generated"] == MAX_CONTROLS
+    assert row[0].shape[0] == 12 and torch.equal(row[1], ctrl)  # every real control read; MAX_CONTROLS generated
+    ctrl_means = extras.results()["report_per_w"][0]["morphology_means"]["control"]
+    assert ctrl_means["n_real"] == 12 and ctrl_means["n_generated"] == MAX_CONTROLS

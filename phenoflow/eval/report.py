@@ -197,10 +197,8 @@ def _per_perturbation(results: dict[str, Any], max_rows: int = 100) -> list[Sect
         if not per and not means:
             continue
         have = [c for c in cols if any(c in v for v in per.values())]
-        head = (["perturbation", "n real", "n generated"] + [_head(c) for c in have]
-                + [f"{t} real / gen" for _, t in MEANS] if means else [])
-        if not means:
-            head = ["perturbation", "n real"] + [_head(c) for c in have]
+        head = ["perturbation", "n real"] + (["n generated"] if means else []) + [_head(c) for c in have]
+        head += [f"{t} real / gen" for _, t in MEANS] if means else []
         rows = []
         for name in list(dict.fromkeys(list(means) + list(per)))[:max_rows]:
             p, m = per.get(name, {}), means.get(name, {})

@@ -67,8 +67,9 @@ class ReportExtras:
                  pert_names: list[str], from_run: bool) -> None:
         self.cfg, self.pert_names = cfg, pert_names
         self.effects = fx.documented_effects(manifest)
-        self.ctrl_batches = _control_batches(read or [], MAX_CONTROLS)
-        self.ctrl_real = (torch.cat([b["image"] for b in self.ctrl_batches]) if self.ctrl_batches else None)
+        self.ctrl_batches = _control_batches(read or [], MAX_CONTROLS)  # generated: MAX_CONTROLS per w
+        every = _control_batches(read or [], 10**9)  # real: every control image read (the effects' baseline)
+        self.ctrl_real = torch.cat([b["image"] for b in every]) if every else None
         self.per_w: list[dict[str, Any]] = []
         self.info: dict[str, Any] = {"provenance": provenance(cfg, Path(run_dir), from_run),
                                      "channels": list(manifest.get("channels", [])),
