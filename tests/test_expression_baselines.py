@@ -9,7 +9,11 @@ import pandas as pd
 import pytest
 
 from phenoflow.eval.expression.baselines import baseline_split, effects
-from phenoflow.eval.expression.generate import SplitCells, condition_key, control_sources
+from phenoflow.eval.expression.generate import (
+    SplitCells,
+    condition_key,
+    control_sources,
+)
 
 
 def cells(x, pert, cell_type) -> SplitCells:
