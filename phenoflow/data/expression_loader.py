@@ -26,6 +26,44 @@ from .tables import _as_float
 from .vocab import Vocab
 
 
+class _SlowPath(Exception):
+    """The batch decode found a member it cannot accept: redo the batch sample by sample."""
+
+
+def decode_batch(bufs: list[bytes], n_genes: int, x: np.ndarray) -> bool:
+    """Decode the .csr members `bufs` (row i of x for member i) all at once; False, with x untouched, when any
+    member is malformed (header vs size, positions outside [0, n_genes) or not strictly increasing, non-finite
+    values): the caller then decodes sample by sample with decode_csr, whose errors name the sample.
+
+    Member layout (expression_shards.py): int32 nnz, int32 positions[nnz], float32 values[nnz]; every member is
+    4 + 8 nnz bytes, so all offsets into the concatenation are multiples of 4 and one int32 / float32 view of it
+    reads every field."""
+    sizes = np.fromiter((len(b) for b in bufs), np.int64, len(bufs))
+    if np.any(sizes < 4) or np.any((sizes - 4) % 8):
+        return False
+    nnz = (sizes - 4) // 8
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]) // 4  # member starts, in int32 words
+    raw = b"".join(bufs)
+    words = np.frombuffer(raw, "<i4")
+    if not np.array_equal(words[starts], nnz):
+        return False
+    total = int(nnz.sum())
+    if total == 0:
+        return True
+    rows = np.repeat(np.arange(len(bufs)), nnz)
+    within = np.arange(total) - np.repeat(np.cumsum(nnz) - nnz, nnz)  # position inside its member
+    pos_at = np.repeat(starts + 1, nnz) + within  # word index of each position
+    idx = words[pos_at]
+    val = np.frombuffer(raw, "<f4")[pos_at + np.repeat(nnz, nnz)]
+    if idx.min() < 0 or idx.max() >= n_genes or not np.isfinite(val).all():
+        return False
+    same_row = rows[1:] == rows[:-1]
+    if np.any(same_row & (idx[1:] <= idx[:-1])):
+        return False
+    x[rows, idx] = val
+    return True
+
+
 class ExpressionTable:
     """A shard's label table mapped through the vocabularies once: component ids (n, K), covariate and dataset
     ids (n, groups - 1), doses, control flags, keys, crc32s; `ok[j]` False (with `problem(j)`) for an entry
@@ -95,9 +133,19 @@ class ExpressionBatches(ShardBatches):
         return ExpressionTable(cols, self.vocabs, keys, shard, self.columns, self.max_combination)
 
     def fetch(self, item: tuple[int, int], ring: Any = None) -> dict[str, Any]:
+        """One batch. Fast path: every member read, checked against its table entry and crc32 as it is read,
+        then decoded for the whole batch at once (decode_batch); any sample the batch decode finds bad sends the
+        batch through the per-sample path (`fast=False`), which names it and applies the bad-sample policy."""
+        try:
+            return self._fetch(item, fast=True)
+        except _SlowPath:
+            return self._fetch(item, fast=False)
+
+    def _fetch(self, item: tuple[int, int], fast: bool) -> dict[str, Any]:
         epoch, b = item
         ids = self.order(epoch)[b * self.batch_size:(b + 1) * self.batch_size]
         x = np.zeros((len(ids), self.n_genes), np.float32)
+        bufs: list[bytes] = []  # fast path: the members' bytes, decoded together after the loop
         kept, skipped = np.empty(len(ids), np.int64), []
         shard_of = np.searchsorted(self.starts, ids, side="right") - 1
         local = ids - self.starts[shard_of]
@@ -123,11 +171,14 @@ class ExpressionBatches(ShardBatches):
                         raise ShardError(f"shard {name}, key {keys[j]}: the tar file ends early (truncated shard)")
                     if check[pos] and table.crc is not None:
                         self._check_crc(buf, table.crc[j], name, keys[j])
-                    try:
-                        idx, val = decode_csr(buf, self.n_genes)
-                    except ValueError as e:
-                        raise ShardError(f"shard {name}, key {keys[j]}: {e}") from None
-                    x[n, idx] = val
+                    if fast:
+                        bufs.append(buf)
+                    else:
+                        try:
+                            idx, val = decode_csr(buf, self.n_genes)
+                        except ValueError as e:
+                            raise ShardError(f"shard {name}, key {keys[j]}: {e}") from None
+                        x[n, idx] = val
                 except (OSError, ShardError) as e:  # raise, or count and skip (data/errors.py: bad_sample)
                     bad_sample(e, self.policy, skipped, name, keys[j])
                     continue
@@ -135,6 +186,8 @@ class ExpressionBatches(ShardBatches):
                 n += 1
         finally:
             self._pinned = 0
+        if fast and bufs and not decode_batch(bufs, self.n_genes, x):
+            raise _SlowPath  # a bad member: the per-sample path names it (nothing was marked verified yet)
         kp = kept[:n]
         if self._verified is not None and n:
             self._verified.numpy()[ids[kp]] = 1
