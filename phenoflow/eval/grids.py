@@ -6,13 +6,22 @@ nearest-neighbour upsampling so they stay visible.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from phenoflow.eval.project import DEFAULT_WEIGHTS, to_uint8_rgb
+
+
+def save_png(path: Path, save: Callable[[Path], object]) -> Path:
+    """Write a PNG atomically: `save(tmp)` (PIL's Image.save, matplotlib's savefig) to <stem>.tmp.png, then
+    rename over `path` (run_folder.py removes stale temporaries)."""
+    tmp = path.with_name(path.stem + ".tmp.png")
+    save(tmp)
+    tmp.replace(path)
+    return path
 
 PAD = 2  # pixels between tiles
 GAP = 12  # extra pixels between the real and the generated block
@@ -57,10 +66,7 @@ def save_grid(rows: Mapping[str, tuple[torch.Tensor, torch.Tensor]], path: str |
                 canvas.paste(im, (x, y))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    canvas.save(tmp)
-    tmp.replace(path)
-    return path
+    return save_png(path, canvas.save)
 
 
 def grid_rows(real: torch.Tensor, real_labels: torch.Tensor, gen: torch.Tensor, gen_labels: torch.Tensor,
@@ -112,8 +118,4 @@ def save_legend(legend: Sequence[dict], path: str | Path) -> Path:
         y = 4 + 16 * i
         draw.rectangle((4, y, 20, y + 12), fill=tuple(round(255 * x) for x in e["rgb"]), outline=(0, 0, 0))
         draw.text((26, y), t, fill=(0, 0, 0), font=font)
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    canvas.save(tmp)
-    tmp.replace(path)
-    return path
+    return save_png(Path(path), canvas.save)

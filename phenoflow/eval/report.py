@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from phenoflow.eval.grids import save_png
 from phenoflow.eval.metrics import KID_SCALE
 from phenoflow.eval.report_html import H, Img, Items, P, Section, Table
 
@@ -78,10 +79,8 @@ def plot_sweep(results: dict[str, Any], path: Path) -> Path | None:
         ax.set_title(c + (" (x1000)" if c.startswith("K") else ""))
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    save_png(path, lambda tmp: fig.savefig(tmp, dpi=100))
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 
@@ -167,10 +166,8 @@ def plot_loss(run_dir: str | Path, path: Path) -> Path | None:
     ax.set_title("training loss (log.jsonl)", fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    save_png(path, lambda tmp: fig.savefig(tmp, dpi=100))
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 
