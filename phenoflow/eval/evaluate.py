@@ -104,7 +104,11 @@ def mean_over_ranks(value: float) -> float:
 def load_export(run_dir: str | Path, ema_std: float | None = None) -> tuple[torch.nn.Module, Config, dict[str, int]]:
     """Build the model from run_dir/export (model.json + ema-<std>.safetensors, or model.safetensors for std 0)."""
     from phenoflow.modalities import image_network
-    from phenoflow.train.checkpoint import ema_filename, load_safetensors, load_weights
+    from phenoflow.train.checkpoint import (
+        export_weights,
+        load_safetensors,
+        load_weights,
+    )
 
     export = Path(run_dir) if (Path(run_dir) / "model.json").is_file() else Path(run_dir) / "export"  # or an export
     meta_path = export / "model.json"
@@ -114,10 +118,7 @@ def load_export(run_dir: str | Path, ema_std: float | None = None) -> tuple[torc
     cfg = from_dict(meta.get("config", meta))
     vocab_sizes = {k: int(v) for k, v in meta.get("vocab_sizes", {}).items()}
     std = cfg.eval.ema_std if ema_std is None else ema_std
-    wfile = export / (ema_filename(std) if std else "model.safetensors")
-    if not wfile.is_file():
-        have = sorted(p.name for p in export.glob("*.safetensors"))
-        raise FileNotFoundError(f"weights {wfile} do not exist (eval.ema_std={std}); export has {have}")
+    wfile = export_weights(export, std)
     model = image_network(cfg, vocab_sizes)  # the MiT or the ADM U-Net (model.arch)
     state = load_safetensors(wfile)
     from phenoflow.model.molecule_adaptor import attach_from_state

@@ -143,3 +143,13 @@ def write_json(obj: Any, path: str | Path) -> Path:
 
 def ema_filename(std: float) -> str:
     return f"ema-{std:.4f}.safetensors"
+
+
+def export_weights(export: Path, std: float) -> Path:
+    """The export's weights file for EMA width `std` (0 = the raw weights); FileNotFoundError listing the files
+    the export has when it is absent."""
+    wfile = Path(export) / (ema_filename(std) if std else "model.safetensors")
+    if not wfile.is_file():
+        have = sorted(p.name for p in Path(export).glob("*.safetensors"))
+        raise FileNotFoundError(f"weights {wfile} do not exist (eval.ema_std={std}); export has {have}")
+    return wfile

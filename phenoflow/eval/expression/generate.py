@@ -43,7 +43,11 @@ PRIMEFLOW_CLAMP = 12.0  # fallback upper bound (log1p) when the data has no trai
 def load_expression_export(run_dir: str | Path, ema_std: float | None = None) -> tuple[torch.nn.Module, Config, dict]:
     """(model with the exported weights, the run's resolved config, the export's manifest) from run_dir/export."""
     from phenoflow.modalities import get_modality
-    from phenoflow.train.checkpoint import ema_filename, load_safetensors, load_weights
+    from phenoflow.train.checkpoint import (
+        export_weights,
+        load_safetensors,
+        load_weights,
+    )
 
     export = Path(run_dir) if (Path(run_dir) / "model.json").is_file() else Path(run_dir) / "export"  # or an export
     meta_path, man_path = export / "model.json", export / "manifest.json"
@@ -57,10 +61,7 @@ def load_expression_export(run_dir: str | Path, ema_std: float | None = None) ->
     manifest = json.loads(man_path.read_text())
     vocab_sizes = {k: int(v) for k, v in meta.get("vocab_sizes", {}).items()}
     std = cfg.eval.ema_std if ema_std is None else ema_std
-    wfile = export / (ema_filename(std) if std else "model.safetensors")
-    if not wfile.is_file():
-        have = sorted(p.name for p in export.glob("*.safetensors"))
-        raise FileNotFoundError(f"weights {wfile} do not exist (eval.ema_std={std}); export has {have}")
+    wfile = export_weights(export, std)
     model = get_modality(cfg).build_model(cfg, vocab_sizes, manifest)
     state = load_safetensors(wfile)
     buffers = {k for k, _ in model.named_buffers()} - set(model.state_dict())
