@@ -7,8 +7,11 @@ import torch
 from PIL import Image
 
 from phenoflow.config import resolve
+from phenoflow.errors import ConfigError
 from phenoflow.eval.generate import (
     ControlPool,
+    decode,
+    encode,
     generate,
     load_samples,
     sample_noise,
@@ -95,6 +98,52 @@ def test_counterfactual_round_trip_and_missing_control(setup):
     empty = ControlPool()
     with pytest.raises(ValueError, match="no control image for experiment index 0"):
         generate(model, batches(data, 4), cfg.eval, 1.0, mode="counterfactual", controls=empty)
+
+
+class ZeroVelocity(torch.nn.Module):
+    """A velocity field that is zero everywhere: the solver returns its source unchanged."""
+
+    def forward(self, x, t, labels):
+        return torch.zeros_like(x)
+
+    def null_labels(self, labels, groups):
+        return labels
+
+
+def test_control_mode_starts_from_same_experiment_control_plus_noise(setup):
+    cfg, _, data = setup
+    cfg.eval.solver, cfg.eval.steps = "euler", 2
+    pool = ControlPool()
+    for b in batches(data, 4):
+        pool.add_batch(b)
+    imgs, labels, nfe = generate(ZeroVelocity(), batches(data, 3), cfg.eval, 2.0, seed=5, mode="control",
+                                 controls=pool, control_noise=0.3)
+    assert nfe == 2 and labels["key"] == data["key"] and imgs.shape == data["image"].shape
+    noise = sample_noise(data["key"], tuple(data["image"].shape[1:]), 5)
+    for i, k in enumerate(data["key"]):
+        e = int(data["experiment"][i])
+        c, c_labels = pool.pick(e, k, 5)
+        assert c_labels["experiment"] == e and any(c is x for x in pool.images[e])  # the sample's own experiment
+        assert torch.equal(imgs[i], decode(encode(c) + 0.3 * noise[i])), k
+    # control_noise 0 (the default): exactly the picked control.
+    bare, _, _ = generate(ZeroVelocity(), batches(data, 4), cfg.eval, 2.0, seed=5, mode="control", controls=pool)
+    assert torch.equal(bare, torch.stack([pool.pick(int(e), k, 5)[0] for e, k in zip(data["experiment"].tolist(),
+                                                                                      data["key"])]))
+    with pytest.raises(ValueError, match="control generation needs a ControlPool"):
+        generate(ZeroVelocity(), batches(data, 4), cfg.eval, 1.0, mode="control")
+    with pytest.raises(ValueError, match="'generate', 'counterfactual' or 'control'"):
+        generate(ZeroVelocity(), batches(data, 4), cfg.eval, 1.0, mode="bogus")
+
+
+def test_control_mode_refused_for_a_run_not_trained_with_control_coupling(setup, tmp_path):
+    from phenoflow.eval.evaluate import evaluate, sample
+
+    cfg, model, _ = setup
+    assert cfg.flow.coupling == "independent"
+    for fn in (evaluate, sample):
+        with pytest.raises(ConfigError, match="mode control samples from control images.*flow.coupling=independent"):
+            fn(cfg, tmp_path / "run", model=model, mode="control", data_dir=tmp_path / "none")
+    assert not (tmp_path / "run").exists()
 
 
 def test_samples_file_grid_and_report(setup, tmp_path):

@@ -277,27 +277,44 @@ def test_killed_study_process_resumes(tmp_path):
 
 
 def test_config_a_sampling_starts_from_same_experiment_controls(tmp_path):
-    import phenoflow.eval.generate as gen_mod
+    from phenoflow.data.loader import ShardLoader
     from phenoflow.data.prepare import prepare_data
-    from phenoflow.study.control_eval import (
-        _eval_split_controls,
-        control_source_sampling,
-    )
+    from phenoflow.eval.evaluate import evaluate
+    from phenoflow.eval.generate import ControlPool, generate, sample_noise
+
+    class ZeroVelocity(torch.nn.Module):  # the solver returns the source x0 unchanged
+        def forward(self, x, t, labels):
+            return torch.zeros_like(x)
+
+        def null_labels(self, labels, groups):
+            return labels
+
+    def matches(imgs: list[torch.Tensor], c: torch.Tensor, inside: torch.Tensor) -> bool:
+        return bool((((torch.stack(imgs).float() - c).abs() * inside).flatten(1).amax(1) <= 1.0).any())
 
     st = tiny_spec(tmp_path)
     cfg = train_config(st, st.variant("A"), 0)
+    assert cfg.flow.coupling == "control" and st.variant("A").eval_mode == "control"
     data = prepare_data(cfg)
-    pool, experiment_of = _eval_split_controls(cfg, data)
-    keys = sorted(experiment_of)[:6]
-    shape = tuple(pool.images[next(iter(pool.images))][0].shape)
-    noise = gen_mod.sample_noise(keys, shape, 3)
-    with control_source_sampling(cfg, data):
-        x0 = gen_mod.sample_noise(keys, shape, 3)
-    assert gen_mod.sample_noise.__name__ == "sample_noise"  # restored
+    read = list(ShardLoader(data, cfg.eval.split, cfg.eval.batch_size, seed=0, shuffle=False, drop_last=False,
+                            infinite=False))
+    pool = ControlPool()
+    for b in read:
+        pool.add_batch(b)
+    cfg.eval.solver, cfg.eval.steps = "euler", 1
+    gen, labels, _ = generate(ZeroVelocity(), read, cfg.eval, 2.0, seed=3, mode="control", controls=pool,
+                              control_noise=cfg.flow.control_noise)
+    keys = labels["key"]
+    noise = sample_noise(keys, tuple(gen.shape[1:]), 3)
+    # Undo the decoding (x * 127.5 + 128, truncated) and the noise: back to the control's pixels (+- 1).
+    c = ((gen.float() - 128 + 0.5) / 127.5 - cfg.flow.control_noise * noise + 1) * 127.5
+    inside = (gen > 0) & (gen < 255)  # clipped pixels say nothing
     for i, k in enumerate(keys):
-        c = (x0[i] - cfg.flow.control_noise * noise[i] + 1) * 127.5  # back to the control's pixels
-        pool_e = torch.stack(pool.images[experiment_of[k]])
-        assert ((pool_e.float() - c).abs().flatten(1).amax(1) < 1e-3).any(), k  # a control of its experiment
-        others = [e for e in pool.images if e != experiment_of[k]]
-        assert not any(((torch.stack(pool.images[e]).float() - c).abs().flatten(1).amax(1) < 1e-3).any()
-                       for e in others)
+        e = int(labels["experiment"][i])
+        assert pool.pick(e, k, 3)[1]["experiment"] == e
+        assert matches(pool.images[e], c[i], inside[i]), k  # a control of its own experiment
+        assert not any(matches(pool.images[o], c[i], inside[i]) for o in pool.images if o != e), k
+    independent = train_config(st, st.variant("B"), 0)
+    with pytest.raises(ConfigError, match="flow.coupling=independent"):
+        evaluate(independent, tmp_path / "B", report_dir=tmp_path / "rep", mode="control")
+    assert not (tmp_path / "rep").exists()

@@ -43,8 +43,11 @@ RUN_DIR_HELP = ("the run folder (runs/NAME) or an export folder; its saved confi
 
 def _common(p: argparse.ArgumentParser) -> None:
     add_config_args(p, run_dir=RUN_DIR_HELP)
-    p.add_argument("--mode", choices=("generate", "counterfactual"), default="generate",
-                   help="generate from noise, or counterfactual: from control images of the same experiment")
+    p.add_argument("--mode", choices=("generate", "counterfactual", "control"), default="generate",
+                   help="generate: from noise; counterfactual: a control image of the same experiment inverted "
+                        "to noise, then forward with the target labels; control (Config A, runs trained with "
+                        "flow.coupling=control): from a control image of the same experiment + flow.control_noise "
+                        "x noise")
     p.add_argument("--seed", type=int, default=0, help="noise seed (noise is per sample key)")
     p.add_argument("--data-dir", default=None, metavar="SHARDS",
                    help="shard folder to evaluate on (default: the run's data, from its config's data section)")
@@ -203,7 +206,7 @@ def cmd_sample(args) -> int:
         if args.mode != "generate" or args.data_dir:
             from phenoflow.errors import ConfigError
 
-            raise ConfigError("--perturbation/-n generate from noise without data; --mode counterfactual and "
+            raise ConfigError("--perturbation/-n generate from noise without data; --mode counterfactual/control and "
                               "--data-dir work on the real images of a split (drop --perturbation/-n), or use "
                               "phenoflow.load(RUN).counterfactual(images, perturbation=...) from Python")
         for path in sample_labels(cfg, args):

@@ -298,15 +298,26 @@ class _Setup(NamedTuple):
     data_dir: Path
     manifest: dict
     batches: list  # the rows to generate and score (controls left out unless eval.include_controls)
-    controls: ControlPool | None  # counterfactual mode: every control read, whatever eval.include_controls
+    controls: ControlPool | None  # counterfactual/control mode: every control read, whatever include_controls
     read: list | None = None  # every batch this rank read, controls included (the report's control images)
+
+
+def check_mode(cfg: Config, mode: str) -> None:
+    """Control mode samples a control -> perturbed model (Config A): refused for a run trained otherwise."""
+    if mode == "control" and cfg.flow.coupling != "control":
+        from phenoflow.errors import ConfigError
+
+        raise ConfigError(f"mode control samples from control images + noise, as a flow.coupling=control run was "
+                          f"trained; this run has flow.coupling={cfg.flow.coupling} (use --mode generate or "
+                          f"counterfactual)")
 
 
 def _setup(cfg: Config, run_dir: Path, model, data_dir, mode: str) -> _Setup:
     """What evaluate() and sample() share: rank, device, the model (default: the run's EMA export), the eval
-    split's real batches of this rank and, in counterfactual mode, the pool of control images."""
+    split's real batches of this rank and, in counterfactual and control mode, the pool of control images."""
     from phenoflow.data.shards import load_manifest
 
+    check_mode(cfg, mode)
     rank, world = rank_world()
     device = _device(cfg)
     remap, names = None, {}
@@ -325,7 +336,7 @@ def _setup(cfg: Config, run_dir: Path, model, data_dir, mode: str) -> _Setup:
     if remap:  # label names as the model numbers them (grids, per-perturbation scores, samples files)
         manifest = {**manifest, "vocabs": {**manifest.get("vocabs", {}), **names}}
     controls = None
-    if mode == "counterfactual":
+    if mode in ("counterfactual", "control"):
         controls = ControlPool()
         for b in read:
             controls.add_batch(b)
@@ -374,7 +385,7 @@ def evaluate(cfg: Config, run_dir: str | Path | None = None, model: torch.nn.Mod
         t0 = time.perf_counter()
         gen_batches = extras.with_controls(batches) if extras is not None else batches  # + the report's controls
         gen, labels, nfe = generate(model, gen_batches, cfg.eval, w, device, seed=seed, mode=mode, controls=controls,
-                                    progress=progress and rank == 0)
+                                    progress=progress and rank == 0, control_noise=cfg.flow.control_noise)
         gen, labels, report_ctrl = extras.split(gen, labels) if extras is not None else (gen, labels, None)
         seconds = time.perf_counter() - t0
         nfe = mean_over_ranks(nfe)  # adaptive solvers: each rank's batches take their own number of steps
@@ -437,7 +448,7 @@ def sample(cfg: Config, run_dir: str | Path | None = None, model: torch.nn.Modul
     real_pert = torch.cat([b["perturbation"] for b in batches])
     for w in cfg.eval.guidance:
         gen, labels, nfe = generate(model, batches, cfg.eval, w, device, seed=seed, mode=mode, controls=controls,
-                                    progress=progress and rank == 0)
+                                    progress=progress and rank == 0, control_noise=cfg.flow.control_noise)
         tag = f"w{w:g}"
         gathered = gather_samples(gen, labels)
         if gathered is not None:  # rank 0: one file with every rank's images

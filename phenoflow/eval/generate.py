@@ -8,6 +8,11 @@ Modes:
   counterfactual  start from a control image of the same experiment (picked deterministically by the same
                   hash), solve back t: 1 -> 0 with the control's own labels (w = 1, no guidance), then forward
                   t: 0 -> 1 with the target labels and guidance w (ARCHITECTURE.md section 3).
+  control         (Config A of the MiT paper: a flow.coupling=control model, control -> perturbed)
+                  x(0) = encode(c) + control_noise * z, c a control image of the same experiment (the pick of
+                  counterfactual mode), z the per-key noise of generate mode; then t: 0 -> 1 with the target
+                  labels and guidance w. The noise is always added at sampling (training adds it with probability
+                  flow.control_noise_prob, as in CellFlux).
 NFE is the number of solver evaluations of the velocity field per batch (mean over batches); each evaluation is
 two network forwards (batched as one of size 2B) when w is not 0 or 1.
 """
@@ -58,7 +63,7 @@ def forwards_per_eval(w: float) -> int:
 
 
 class ControlPool:
-    """Control images per experiment, for counterfactual generation (built from the eval split's controls)."""
+    """Control images per experiment, for counterfactual and control generation (the eval split's controls)."""
 
     def __init__(self) -> None:
         self.images: dict[int, list[torch.Tensor]] = {}
@@ -72,7 +77,7 @@ class ControlPool:
 
     def pick(self, experiment: int, key: str, seed: int) -> tuple[torch.Tensor, dict[str, int]]:
         if experiment not in self.images:
-            raise ValueError(f"counterfactual generation: no control image for experiment index {experiment} "
+            raise ValueError(f"counterfactual/control generation: no control image for experiment index {experiment} "
                              f"(experiments with controls: {sorted(self.images)})")
         j = sample_seed(seed + 1, key) % len(self.images[experiment])
         return self.images[experiment][j], self.labels[experiment][j]
@@ -81,17 +86,21 @@ class ControlPool:
 @torch.no_grad()
 def generate(model: torch.nn.Module, loader_batches: Iterable[Mapping[str, Any]], eval_cfg: Any, w: float,
              device: str | torch.device = "cpu", seed: int = 0, mode: str = "generate",
-             controls: ControlPool | None = None, max_images: int = 0,
-             progress: bool = False) -> tuple[torch.Tensor, dict[str, Any], float]:
+             controls: ControlPool | None = None, max_images: int = 0, progress: bool = False,
+             control_noise: float = 0.0) -> tuple[torch.Tensor, dict[str, Any], float]:
     """One generated image per real image of `loader_batches`, with the same labels.
+
+    mode: generate | counterfactual | control (module docstring); controls: the ControlPool of the last two.
+    control_noise: control mode's noise std (cfg.flow.control_noise), always added at sampling (training adds it
+    with probability flow.control_noise_prob, CellFlux).
 
     Returns (images uint8 (N, C, H, W) on CPU, labels {perturbation, experiment, cell_type: int64 (N,),
     dose: float32, is_control: bool, key: list[str]}, NFE = mean solver evaluations per batch).
     """
-    if mode not in ("generate", "counterfactual"):
-        raise ValueError(f"generation mode {mode!r} is not 'generate' or 'counterfactual'")
-    if mode == "counterfactual" and controls is None:
-        raise ValueError("counterfactual generation needs a ControlPool of control images")
+    if mode not in ("generate", "counterfactual", "control"):
+        raise ValueError(f"generation mode {mode!r} is not 'generate', 'counterfactual' or 'control'")
+    if mode in ("counterfactual", "control") and controls is None:
+        raise ValueError(f"{mode} generation needs a ControlPool of control images (controls=)")
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -114,8 +123,13 @@ def generate(model: torch.nn.Module, loader_batches: Iterable[Mapping[str, Any]]
         if getattr(model, "mol_adaptor", None) is not None:  # the molecule adaptor is dose-modulated
             labels["dose"] = batch["dose"][:n].to(device, torch.float32)
         shape = tuple(batch["image"].shape[1:])
-        if mode == "generate":
-            x0 = sample_noise(keys, shape, seed).to(device)
+        if mode in ("generate", "control"):
+            x0 = sample_noise(keys, shape, seed)
+            if mode == "control":  # a control of the sample's experiment + control_noise * the same per-key noise
+                src = torch.stack([controls.pick(int(e), k, seed)[0] for e, k in
+                                   zip(batch["experiment"][:n].tolist(), keys)])
+                x0 = encode(src).reshape(x0.shape) + float(control_noise) * x0
+            x0 = x0.to(device)
             x1, nfe = integrate(make_velocity_fn(model, labels, w, groups), x0, 0.0, 1.0, **solve)
         else:
             picks = [controls.pick(int(e), k, seed) for e, k in zip(batch["experiment"][:n].tolist(), keys)]

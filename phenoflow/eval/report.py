@@ -84,6 +84,19 @@ def plot_sweep(results: dict[str, Any], path: Path) -> Path | None:
     return path
 
 
+MODE_TEXT = {  # how each generation mode starts (phenoflow/eval/generate.py), for the report's first line
+    "generate": "from N(0, I) noise",
+    "counterfactual": "from a control image of the same experiment, inverted to noise with its own labels",
+    "control": "from a control image of the same experiment + flow.control_noise x N(0, I) (Config A, "
+               "flow.coupling=control)",
+}
+
+
+def _mode(results: dict[str, Any]) -> str:
+    mode = results.get("mode", "generate")
+    return f"{mode} mode: {MODE_TEXT[mode]}" if mode in MODE_TEXT else f"{mode} mode"
+
+
 def _controls(results: dict[str, Any]) -> str:
     """The protocol's treatment of control images, for the report's first line."""
     if "include_controls" not in results:
@@ -280,7 +293,7 @@ def write_report(report_dir: str | Path, results: dict[str, Any]) -> Path:
         H(1, "phenoflow evaluation report"),
         P(f"Run: `{results.get('run_dir', '')}`; split `{results.get('split', '')}` with "
           f"{results.get('num_real', '?')} real images ({_controls(results)}); one generated image per real image, "
-          f"with its labels ({results.get('mode', 'generate')} mode)."),
+          f"with its labels ({_mode(results)})."),
         P(provenance_text(results.get("provenance"))),
         P(f"Sampler: {solver_text(results.get('solver', {}))}."),
         H(2, "Guidance sweep"),

@@ -114,7 +114,7 @@ class ReportExtras:
             pass
         elif self.ctrl_batches:
             ctrl_gen, _, _ = generate(model, self.ctrl_batches, self.cfg.eval, w, device, seed=seed, mode=mode,
-                                      controls=controls, progress=False)
+                                      controls=controls, progress=False, control_noise=self.cfg.flow.control_noise)
         else:
             ctrl_gen = None
         real_names = [self._name(int(p)) for p in real_pert]

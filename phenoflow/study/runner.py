@@ -194,15 +194,7 @@ def run_unit(study: Study, u: Unit, progress: bool = False) -> str:
     v = study.variant(u.variant)
     out = eval_dir(study, u)
     (out / "study_eval.json").unlink(missing_ok=True)
-    if v.eval_mode == "control":
-        from phenoflow.data.prepare import prepare_data
-        from phenoflow.study.control_eval import control_source_sampling
-
-        data_dir = prepare_data(u.cfg)
-        with control_source_sampling(u.cfg, data_dir):
-            evaluate(u.cfg, u.cfg.run_dir, report_dir=out, mode="generate", progress=progress, data_dir=data_dir)
-    else:
-        evaluate(u.cfg, u.cfg.run_dir, report_dir=out, mode=v.eval_mode, progress=progress)
+    evaluate(u.cfg, u.cfg.run_dir, report_dir=out, mode=v.eval_mode, progress=progress)  # control: Config A
     (out / "study_eval.json").write_text(json.dumps(eval_signature(study, u), indent=2) + "\n")
     return "done"
 
