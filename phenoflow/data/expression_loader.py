@@ -12,7 +12,9 @@ a worker as one pickled array).
 """
 from __future__ import annotations
 
+import mmap
 import os
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -22,12 +24,8 @@ from .anndata_io import ExpressionColumns
 from .errors import MissingShardError, ShardError, bad_sample
 from .expression_shards import decode_csr
 from .loader import ShardBatches
-from .tables import _as_float
+from .tables import _as_float, payload_crc
 from .vocab import Vocab
-
-
-class _SlowPath(Exception):
-    """The batch decode found a member it cannot accept: redo the batch sample by sample."""
 
 
 def decode_batch(bufs: list[bytes], n_genes: int, x: np.ndarray) -> bool:
@@ -110,6 +108,7 @@ class ExpressionTable:
         self.ctrl = np.asarray([bool(c) for c in cols["is_control"]], bool)
         self.keys = np.asarray(keys, dtype=object)
         self.ok = [j not in self._why for j in range(n)]
+        self.ok_all = np.asarray(self.ok, bool)  # the same, as an array (the batch path's check)
         self.crc: list[int] | None = cols.get("crc32")
 
     def problem(self, j: int) -> str:
@@ -133,73 +132,133 @@ class ExpressionBatches(ShardBatches):
         return ExpressionTable(cols, self.vocabs, keys, shard, self.columns, self.max_combination)
 
     def fetch(self, item: tuple[int, int], ring: Any = None) -> dict[str, Any]:
-        """One batch. Fast path: every member read, checked against its table entry and crc32 as it is read,
-        then decoded for the whole batch at once (decode_batch); any sample the batch decode finds bad sends the
-        batch through the per-sample path (`fast=False`), which names it and applies the bad-sample policy."""
-        try:
-            return self._fetch(item, fast=True)
-        except _SlowPath:
-            return self._fetch(item, fast=False)
-
-    def _fetch(self, item: tuple[int, int], fast: bool) -> dict[str, Any]:
+        """One batch. Fast path (`_fetch_mapped`): each shard's members of the batch sliced out of the shard's
+        memory map, their table entries checked as arrays, crc32s checked, then decoded for the whole batch at once
+        (decode_batch). Any problem sends the batch through the per-sample path (`_fetch_each`), which names the
+        sample and applies the bad-sample policy."""
         epoch, b = item
         ids = self.order(epoch)[b * self.batch_size:(b + 1) * self.batch_size]
-        x = np.zeros((len(ids), self.n_genes), np.float32)
-        bufs: list[bytes] = []  # fast path: the members' bytes, decoded together after the loop
-        kept, skipped = np.empty(len(ids), np.int64), []
         shard_of = np.searchsorted(self.starts, ids, side="right") - 1
         local = ids - self.starts[shard_of]
         uniq = np.unique(shard_of).tolist()
-        self._pinned = len(uniq)
-        check = self._to_check(ids)
-        n = 0
+        self._pinned = len(uniq)  # a batch spanning more shards than the caches hold keeps them all open
         try:
-            src = {s: (self._file(s).fileno(), *self._index(s)[1:], self.records[s]["name"]) for s in uniq}
-            for pos, (s, j) in enumerate(zip(shard_of.tolist(), local.tolist())):
-                fd, keys, entries, table, name = src[s]
-                try:
-                    if table is None:
-                        raise MissingShardError(f"shard {name}: no label table in the manifest (rebuild the tables "
-                                                f"with `phenoflow data labels {self.folder}`)")
-                    if not table.ok[j]:
-                        raise ShardError(f"shard {name}, key {keys[j]}: {table.problem(j)}")
-                    _, _, po, size, _ = entries[j]
-                    if po < 0:
-                        raise ShardError(f"shard {name}, key {keys[j]}: missing json or csr member")
-                    buf = os.pread(fd, size, po)
-                    if len(buf) != size:
-                        raise ShardError(f"shard {name}, key {keys[j]}: the tar file ends early (truncated shard)")
-                    if check[pos] and table.crc is not None:
-                        self._check_crc(buf, table.crc[j], name, keys[j])
-                    if fast:
-                        bufs.append(buf)
-                    else:
-                        try:
-                            idx, val = decode_csr(buf, self.n_genes)
-                        except ValueError as e:
-                            raise ShardError(f"shard {name}, key {keys[j]}: {e}") from None
-                        x[n, idx] = val
-                except (OSError, ShardError) as e:  # raise, or count and skip (data/errors.py: bad_sample)
-                    bad_sample(e, self.policy, skipped, name, keys[j])
-                    continue
-                kept[n] = pos
-                n += 1
+            out = self._fetch_mapped(ids, shard_of, local, uniq)
+            return out if out is not None else self._fetch_each(ids, shard_of, local, uniq)
         finally:
             self._pinned = 0
-        if fast and bufs and not decode_batch(bufs, self.n_genes, x):
-            raise _SlowPath  # a bad member: the per-sample path names it (nothing was marked verified yet)
+
+    def _map(self, s: int) -> np.ndarray | None:
+        """The shard file as a read-only uint8 array (a memory map, cached like the file handles); None when it
+        cannot be mapped (an empty file), and the per-sample path reports it. Shards are immutable once written;
+        a file truncated while mapped would fault (SIGBUS) rather than raise, which is why every read checks the
+        member against the mapped length first and a truncated shard goes to the per-sample path."""
+        maps = self.__dict__.setdefault("_maps", OrderedDict())
+        if s in maps:
+            maps.move_to_end(s)
+            return maps[s]
+        try:
+            mm = mmap.mmap(self._file(s).fileno(), 0, access=mmap.ACCESS_READ)
+        except (ValueError, OSError):
+            return None
+        maps[s] = np.frombuffer(mm, np.uint8)
+        while len(maps) > max(self.cache_shards, self._pinned):
+            maps.popitem(last=False)  # the map closes when the last view of it goes
+        return maps[s]
+
+    def __getstate__(self) -> dict[str, Any]:  # maps, like open files, do not travel to worker processes
+        d = super().__getstate__()
+        d.pop("_maps", None)
+        return d
+
+    def _fetch_mapped(self, ids: np.ndarray, shard_of: np.ndarray, local: np.ndarray,
+                      uniq: list[int]) -> dict[str, Any] | None:
+        """The batch with per-shard array checks and one decode; None when any sample needs the per-sample path
+        (a table entry that cannot be used, a missing or out-of-file member, a crc mismatch, a malformed
+        member). Nothing is marked verified unless the whole batch passes."""
+        n = len(ids)
+        check = np.asarray(self._to_check(ids), bool)
+        bufs: list[Any] = [None] * n
+        tables = {}
+        for s in uniq:
+            _, _, _, table = idx = self._index(s)
+            arr = idx[0]
+            mapped = self._map(s) if table is not None else None
+            if mapped is None:
+                return None
+            pos = np.flatnonzero(shard_of == s)
+            jj = local[pos]
+            po, size = arr[jj, 2], arr[jj, 3]
+            if not table.ok_all[jj].all() or (po < 0).any() or (po + size > len(mapped)).any():
+                return None
+            view = memoryview(mapped)
+            crc = table.crc
+            for p, j, o, z in zip(pos.tolist(), jj.tolist(), po.tolist(), size.tolist()):
+                buf = view[o:o + z]
+                if check[p] and crc is not None and payload_crc(buf) != crc[j]:
+                    return None  # the per-sample path raises the ChecksumError naming shard and key
+                bufs[p] = buf
+            tables[s] = table
+        x = np.zeros((n, self.n_genes), np.float32)
+        if n and not decode_batch(bufs, self.n_genes, x):
+            return None
+        if self._verified is not None and n:
+            self._verified.numpy()[ids] = 1
+        return self._labels_out(x, shard_of, local, np.arange(n), uniq, tables, [])
+
+    def _fetch_each(self, ids: np.ndarray, shard_of: np.ndarray, local: np.ndarray,
+                    uniq: list[int]) -> dict[str, Any]:
+        """The batch sample by sample: every failure is a ShardError naming shard and key, raised or counted and
+        skipped by the bad-sample policy (data/errors.py)."""
+        x = np.zeros((len(ids), self.n_genes), np.float32)
+        kept, skipped = np.empty(len(ids), np.int64), []
+        check = self._to_check(ids)
+        n = 0
+        src = {s: (self._file(s).fileno(), *self._index(s)[1:], self.records[s]["name"]) for s in uniq}
+        for pos, (s, j) in enumerate(zip(shard_of.tolist(), local.tolist())):
+            fd, keys, entries, table, name = src[s]
+            try:
+                if table is None:
+                    raise MissingShardError(f"shard {name}: no label table in the manifest (rebuild the tables "
+                                            f"with `phenoflow data labels {self.folder}`)")
+                if not table.ok[j]:
+                    raise ShardError(f"shard {name}, key {keys[j]}: {table.problem(j)}")
+                _, _, po, size, _ = entries[j]
+                if po < 0:
+                    raise ShardError(f"shard {name}, key {keys[j]}: missing json or csr member")
+                buf = os.pread(fd, size, po)
+                if len(buf) != size:
+                    raise ShardError(f"shard {name}, key {keys[j]}: the tar file ends early (truncated shard)")
+                if check[pos] and table.crc is not None:
+                    self._check_crc(buf, table.crc[j], name, keys[j])
+                try:
+                    idx, val = decode_csr(buf, self.n_genes)
+                except ValueError as e:
+                    raise ShardError(f"shard {name}, key {keys[j]}: {e}") from None
+                x[n, idx] = val
+            except (OSError, ShardError) as e:  # raise, or count and skip (data/errors.py: bad_sample)
+                bad_sample(e, self.policy, skipped, name, keys[j])
+                continue
+            kept[n] = pos
+            n += 1
         kp = kept[:n]
         if self._verified is not None and n:
             self._verified.numpy()[ids[kp]] = 1
+        return self._labels_out(x[:n], shard_of, local, kp, uniq, {s: src[s][3] for s in uniq}, skipped)
+
+    def _labels_out(self, x: np.ndarray, shard_of: np.ndarray, local: np.ndarray, kp: np.ndarray, uniq: list[int],
+                    tables: dict[int, ExpressionTable], skipped: list) -> dict[str, Any]:
+        """The batch dict: x plus the labels of the kept positions kp, gathered shard by shard (vectorised)."""
+        n = len(kp)
         pert = np.empty((n, self.max_combination), np.int64)
         lab = np.empty((n, len(self.groups) - 1), np.int64)
         dose, ctrl, keys_out = np.empty(n, np.float32), np.empty(n, bool), np.empty(n, object)
-        for s in uniq:  # labels gathered shard by shard, vectorised
+        for s in uniq:
             m = shard_of[kp] == s
             jj = local[kp[m]]
-            t = src[s][3]
+            t = tables[s]
             pert[m], lab[m], dose[m], ctrl[m], keys_out[m] = t.pert[jj], t.lab[jj], t.dose[jj], t.ctrl[jj], t.keys[jj]
-        out: dict[str, Any] = {"x": x[:n], "perturbation": pert,
+        out: dict[str, Any] = {"x": x, "perturbation": pert,
                                **{g: np.ascontiguousarray(lab[:, i]) for i, g in enumerate(self.groups[1:])},
                                "dose": dose, "is_control": ctrl, "key": keys_out.tolist()}
         if skipped:
