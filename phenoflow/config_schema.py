@@ -29,6 +29,11 @@ class ModelConfig:
     label_dropout: float = 0.15  # each label dropped to its null row independently (gives CFG)
     proj_dropout: float = 0.1  # dropout after the attention output projection
     long_skip: bool = True
+    # What the MiT's output head predicts: velocity (the MiT paper) or data (the clean image x1, turned into the
+    # velocity v = (x1_hat - x_t) / max(1 - t, 0.05) inside the model, as in JiT, Li & He 2025). With patches as
+    # wide as the model (the CPU demo: 4 x 4 x 6 = 96 values per token, width 128) velocity prediction cannot
+    # pass the per-pixel noise through the token bottleneck and samples stay speckle (docs/demo_quality.md).
+    prediction: str = "velocity"
     # Expression velocity fields (model.arch=unet|mlp; phenoflow/model/expression.py). CPU-sized defaults; the
     # PRiMeFlow shape reference is base 32, channel_mult [1, 2, 4, 8] (~5.8M parameters at 2,000 genes).
     unet_base_channels: int = 16

@@ -38,6 +38,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.size": tuple(MODEL_SIZES),
     "model.kernels": ("torch", "triton"),
     "model.attn_backend": ("auto", "flash_attn", "sdpa", "math"),
+    "model.prediction": ("velocity", "data"),
     "flow.path": ("linear", "vp", "bridge"),
     "flow.coupling": ("independent", "ot", "control"),
     "flow.time_sampler": ("uniform", "logit_normal"),
@@ -168,6 +169,9 @@ def check_model_shape(cfg: Any) -> None:
 def check_modality(cfg: Any) -> None:
     """The model and data fields of the chosen modality (phenoflow/modalities.py)."""
     d, m, e = cfg.data, cfg.model, cfg.expr
+    if m.prediction == "data" and not (d.modality == "microscopy" and m.arch == "mit" and cfg.flow.path == "linear"):
+        raise ConfigError(f"model.prediction=data is for the MiT on the linear path (v = (x1_hat - x_t) / (1 - t)); "
+                          f"got data.modality={d.modality}, model.arch={m.arch}, flow.path={cfg.flow.path}")
     if d.modality == "microscopy":
         if m.arch not in ("mit", "unet"):
             raise ConfigError(f"model.arch={m.arch!r} is an expression model; data.modality=microscopy trains mit "

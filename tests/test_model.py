@@ -149,3 +149,32 @@ def test_out_of_range_label_is_an_error():
         assert "experiment" in str(e)
     else:
         raise AssertionError("out-of-range label accepted")
+
+
+def test_data_prediction_returns_the_linear_path_velocity():
+    """model.prediction=data: the head's output is x1_hat and the model returns (x1_hat - x_t) / max(1 - t, 0.05)
+    (on the linear path x_t = (1 - t) x0 + t x1 that is x1 - x0 when x1_hat = x1)."""
+    from phenoflow.model.mit import DATA_T_EPS
+
+    vel = randomize(tiny()).eval()
+    dat = tiny(prediction="data").eval()
+    dat.load_state_dict(vel.state_dict())
+    x, t = torch.randn(4, 6, 16, 16), torch.tensor([0.0, 0.3, 0.97, 1.0])
+    head = vel(x, t, labels(4))  # the same weights: what the data model's head outputs
+    want = (head - x) / (1 - t).clamp_min(DATA_T_EPS).view(4, 1, 1, 1)
+    torch.testing.assert_close(dat(x, t, labels(4)), want, rtol=1e-5, atol=1e-5)
+
+
+def test_data_prediction_config_is_checked():
+    import pytest
+
+    from phenoflow.errors import ConfigError
+
+    assert resolve("demo", ["model.prediction=data"]).model.prediction == "data"
+    assert build_model(resolve("demo", ["model.prediction=data"]), {"perturbation": 4}).shape.prediction == "data"
+    with pytest.raises(ConfigError, match="model.prediction"):
+        resolve("demo", ["model.prediction=noise"])
+    with pytest.raises(ConfigError, match="linear path"):
+        resolve("demo", ["model.prediction=data", "flow.path=vp"])
+    with pytest.raises(ConfigError, match="linear path"):
+        resolve("expression-demo", ["model.prediction=data"])

@@ -35,6 +35,7 @@ LABEL_GROUPS = ("perturbation", "experiment", "cell_type")
 # depth, hidden width, heads (DiT shapes; "tiny" is for CPU work, "XL-h64" is XL with 18 heads of 64). The table
 # lives with the config's validation (which must not import torch); the model reads it from there.
 MIT_SIZES: dict[str, tuple[int, int, int]] = MODEL_SIZES
+DATA_T_EPS = 0.05  # model.prediction=data: the floor of 1 - t in v = (x1_hat - x_t) / (1 - t) (JiT's value)
 
 
 @dataclass
@@ -54,6 +55,7 @@ class MiTShape:
     long_skip: bool = True
     kernels: str = "torch"
     attn_backend: str = "auto"
+    prediction: str = "velocity"  # velocity | data (config_schema.ModelConfig.prediction)
 
     @property
     def num_tokens(self) -> int:
@@ -250,7 +252,12 @@ class MiT(nn.Module):
                 h = blk(h, c)
             if self.shape.long_skip and i < half:
                 skips.append(h)
-        return self.unpatchify(self.final_layer(h, c))
+        out = self.unpatchify(self.final_layer(h, c))
+        if self.shape.prediction == "data":
+            # x-prediction (JiT): out = x1_hat; on the linear path x_t = (1 - t) x0 + t x1, so the velocity
+            # x1 - x0 = (x1 - x_t) / (1 - t); 1 - t is floored at DATA_T_EPS (t = 1 is a solver end point).
+            return (out - x) / (1 - t.to(out.dtype)).clamp_min(DATA_T_EPS).view(B, 1, 1, 1)
+        return out
 
 
 def model_shape(cfg, vocab_sizes: dict[str, int] | None = None) -> MiTShape:
@@ -271,7 +278,7 @@ def model_shape(cfg, vocab_sizes: dict[str, int] | None = None) -> MiTShape:
         image_size=cfg.data.image_size, in_channels=cfg.data.channels, patch_size=m.patch_size,
         depth=m.depth or depth, hidden_size=m.hidden_size or hidden, num_heads=m.num_heads or heads,
         mlp_ratio=m.mlp_ratio, label_dropout=m.label_dropout, proj_dropout=m.proj_dropout,
-        long_skip=m.long_skip, kernels=m.kernels, attn_backend=m.attn_backend, **counts)
+        long_skip=m.long_skip, kernels=m.kernels, attn_backend=m.attn_backend, prediction=m.prediction, **counts)
 
 
 def build_model(cfg, vocab_sizes: dict[str, int] | None = None) -> MiT:
