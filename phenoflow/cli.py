@@ -148,7 +148,8 @@ def cmd_demo(args) -> int:
         report = evaluate(cfg, cfg.run_dir)
     t2 = time.perf_counter()
     print(f"[demo] trained in {t1 - t0:.0f}s, evaluated in {t2 - t1:.0f}s")
-    print(f"[demo] report: {report / 'metrics.md'}")
+    page = report / "index.html"  # the image report's page (the expression report is markdown and CSV)
+    print(f"[demo] report: {report / 'metrics.md'}" + (f" (as a web page: {page})" if page.is_file() else ""))
     return 0
 
 

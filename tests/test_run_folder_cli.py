@@ -74,6 +74,8 @@ def test_evaluate_and_sample_take_the_runs_config(run, tmp_path):
     r = ok(pf("evaluate", "--run-dir", run, "--report-dir", tmp_path / "rep"))
     js = json.loads((tmp_path / "rep" / "metrics.json").read_text())
     assert js["num_real"] > 0 and "metrics.md" in r.stdout
+    page = tmp_path / "rep" / "index.html"  # the CLI points to the page it wrote
+    assert f"(as a web page: {page})" in r.stdout and page.is_file()
     assert json.loads((run / "data" / "manifest.json").read_text())["image_shape"] == [16, 16, 3]
     from phenoflow.eval.generate import load_samples
 

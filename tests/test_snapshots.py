@@ -104,6 +104,13 @@ def test_guidance_by_ema_width_sweep(tmp_path):
     assert all("FD_morph" in r for r in result["rows"]) and "FD_morph" in result["best"]
     assert (cfg.run_dir / "report" / "sweep" / "sweep.md").is_file()
     assert (cfg.run_dir / "report" / "sweep" / "ema-0.0300" / "metrics.json").is_file()
+    # Each width's report says which weights it scored (not "a model passed in by the caller").
+    lines = {std: next(x for x in (cfg.run_dir / "report" / "sweep" / f"ema-{std}" / "metrics.md").read_text()
+                       .splitlines() if x.startswith("Model: ")) for std in ("0.0000", "0.0500", "0.0300")}
+    assert "raw weights" in lines["0.0000"] and "model.safetensors" in lines["0.0000"]
+    assert "EMA width 0.05" in lines["0.0500"] and "ema-0.0500.safetensors" in lines["0.0500"]
+    assert "EMA width 0.03" in lines["0.0300"] and "post-hoc EMA reconstructed from" in lines["0.0300"]
+    assert all("samples seen" in x and "caller" not in x for x in lines.values()), lines
     # Evaluation results also land in the run's TensorBoard folder: the sweep over widths, a plain evaluate at
     # the run's sample count.
     from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer

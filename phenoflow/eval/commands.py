@@ -180,7 +180,8 @@ def _evaluate_splits(cfg, args) -> int:
             from phenoflow.eval.sweep import report_to_tensorboard
 
             report_to_tensorboard(run_dir, report, prefix=f"eval/{split}" if split else "eval")  # run_dir/tensorboard
-            print(f"report{f' ({split})' if split else ''}: {report / 'metrics.md'}")
+            print(f"report{f' ({split})' if split else ''}: {report / 'metrics.md'} (as a web page: "
+                  f"{report / 'index.html'})")
     return 0
 
 

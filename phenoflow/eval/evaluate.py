@@ -345,10 +345,12 @@ def _setup(cfg: Config, run_dir: Path, model, data_dir, mode: str) -> _Setup:
 
 def evaluate(cfg: Config, run_dir: str | Path | None = None, model: torch.nn.Module | None = None,
              report_dir: str | Path | None = None, mode: str = "generate", seed: int = 0,
-             progress: bool = True, data_dir: str | Path | None = None) -> Path:
+             progress: bool = True, data_dir: str | Path | None = None, model_source: dict | None = None) -> Path:
     """Generate for each w in cfg.eval.guidance, score against the eval split, write the report; returns its folder.
 
     model: a built model to evaluate as is (default: the run's exported EMA weights, eval.ema_std);
+    model_source: with `model`, what its weights are for the report's provenance line ({"checkpoint": text,
+    "ema_std": width, "samples_seen": n}, e.g. eval/sweep.py's EMA widths);
     data_dir: a shard folder (default: phenoflow.data.prepare.prepare_data(cfg)); report_dir: default run_dir/report.
     """
     run_dir = Path(run_dir or cfg.run_dir)
@@ -359,7 +361,7 @@ def evaluate(cfg: Config, run_dir: str | Path | None = None, model: torch.nn.Mod
         s.rank, s.world, s.device, s.model, s.data_dir, s.manifest, s.batches, s.controls)
     d = _dist()
     pert_names = _vocab_names(manifest, "perturbation")
-    extras = ReportExtras(cfg, run_dir, manifest, s.read, pert_names, from_run) if rank == 0 else None
+    extras = ReportExtras(cfg, run_dir, manifest, s.read, pert_names, from_run, model_source) if rank == 0 else None
 
     real_images = torch.cat([b["image"] for b in batches])
     real_keys = [k for b in batches for k in b["key"]]

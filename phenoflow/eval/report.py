@@ -143,9 +143,11 @@ def provenance_text(prov: dict[str, Any] | None) -> str:
     if not prov:
         return "Model: not recorded."
     width = f"EMA width {prov['ema_std']:g}" if prov.get("ema_std") else "raw weights (no EMA)"
-    if not prov.get("from_run"):
-        return f"Model: {prov.get('checkpoint')}; eval.ema_std={prov.get('ema_std', 0):g} does not apply."
     seen = prov.get("samples_seen")
+    if not prov.get("from_run"):
+        if "samples_seen" not in prov:
+            return f"Model: {prov.get('checkpoint')}; eval.ema_std={prov.get('ema_std', 0):g} does not apply."
+        return f"Model: {width}, {prov.get('checkpoint')}, after {_count(seen)} samples seen."
     bs = prov.get("batch_size") or 0
     length = (f"after {_count(seen)} samples seen ({_count(seen // bs) if bs else '?'} steps of {bs}) of "
               f"train.total_samples {_count(prov.get('total_samples'))}") if seen is not None else "training length unknown"

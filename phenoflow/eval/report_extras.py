@@ -40,15 +40,16 @@ def _control_batches(read: list[dict[str, Any]], cap: int) -> list[dict[str, Any
     return out
 
 
-def provenance(cfg: Any, run_dir: Path, from_run: bool) -> dict[str, Any]:
-    """Which weights produced the report: checkpoint file, EMA width, samples seen (and of how many)."""
+def provenance(cfg: Any, run_dir: Path, from_run: bool, source: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Which weights produced the report: checkpoint file, EMA width, samples seen (and of how many). source: what
+    the caller says of a model it passed in (checkpoint text, ema_std, samples_seen), over the defaults."""
     from phenoflow.train.checkpoint import ema_filename
 
     out: dict[str, Any] = {"from_run": from_run, "ema_std": float(cfg.eval.ema_std),
                            "total_samples": int(cfg.train.total_samples), "batch_size": int(cfg.train.batch_size)}
     if not from_run:
         out["checkpoint"] = "a model passed in by the caller (not read from the run's export)"
-        return out
+        return {**out, **(source or {})}
     export = run_dir if (run_dir / "model.json").is_file() else run_dir / "export"
     std = cfg.eval.ema_std
     out["checkpoint"] = str(export / (ema_filename(std) if std else "model.safetensors"))
@@ -64,14 +65,14 @@ class ReportExtras:
     """Collects, per guidance strength, the control row of the grid, the effects table and the morphology means."""
 
     def __init__(self, cfg: Any, run_dir: Path, manifest: dict, read: list[dict[str, Any]],
-                 pert_names: list[str], from_run: bool) -> None:
+                 pert_names: list[str], from_run: bool, model_source: dict[str, Any] | None = None) -> None:
         self.cfg, self.pert_names = cfg, pert_names
         self.effects = fx.documented_effects(manifest)
         self.ctrl_batches = _control_batches(read or [], MAX_CONTROLS)  # generated: MAX_CONTROLS per w
         every = _control_batches(read or [], 10**9)  # real: every control image read (the effects' baseline)
         self.ctrl_real = torch.cat([b["image"] for b in every]) if every else None
         self.per_w: list[dict[str, Any]] = []
-        self.info: dict[str, Any] = {"provenance": provenance(cfg, Path(run_dir), from_run),
+        self.info: dict[str, Any] = {"provenance": provenance(cfg, Path(run_dir), from_run, model_source),
                                      "channels": list(manifest.get("channels", [])),
                                      "effects_tolerance": fx.TOLERANCE}
 

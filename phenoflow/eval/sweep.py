@@ -61,6 +61,25 @@ def model_for_width(run_dir: str | Path, std: float, at: int | None = None) -> t
                    "at_samples": info["at_samples"], "snapshots": len(info["coefficients"]) // max(len(info["use_stds"]), 1)}
 
 
+def _source(run_dir: Path, prov: dict[str, Any], at: int | None) -> dict[str, Any]:
+    """The report's provenance of one width: which file or reconstruction, the width, samples seen."""
+    export = Path(run_dir) / "export"
+    try:
+        seen = int(json.loads((export / "model.json").read_text())["samples_seen"])
+    except (OSError, ValueError, KeyError):
+        seen = None
+    if prov["source"] == "post-hoc reconstruction":
+        text = (f"post-hoc EMA reconstructed from {prov['snapshots']} snapshots of `{Path(run_dir) / 'checkpoints'}` "
+                f"(relative residual {prov['residual']:.1e})")
+        seen = prov.get("at_samples", seen)
+    else:
+        from phenoflow.train.checkpoint import ema_filename
+
+        text = f"checkpoint `{export / (ema_filename(prov['std']) if prov['std'] else 'model.safetensors')}`"
+    out = {"checkpoint": text, "ema_std": float(prov["std"])}
+    return out if seen is None else {**out, "samples_seen": int(seen)}
+
+
 def _lower_is_better(metric: str) -> bool:
     return not any(k in metric.lower() for k in ("precision", "recall", "accuracy", "r2", "cosine", "pds"))
 
@@ -81,7 +100,7 @@ def sweep(cfg, run_dir: str | Path | None, ema_stds: list[float], report_dir: st
             log.info("EMA width %g: %s%s", std, prov["source"],
                      f" (relative residual {prov['residual']:.2e})" if "residual" in prov else "")
         sub = base / f"ema-{float(std):.4f}"
-        evaluate(cfg, run_dir, model=model, report_dir=sub, **evaluate_kw)
+        evaluate(cfg, run_dir, model=model, report_dir=sub, model_source=_source(run_dir, prov, at), **evaluate_kw)
         if rank0:
             results = json.loads((sub / "metrics.json").read_text())
             for r in results.get("sweep", []):
