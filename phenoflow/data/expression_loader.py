@@ -28,38 +28,62 @@ from .tables import _as_float, payload_crc
 from .vocab import Vocab
 
 
-def decode_batch(bufs: list[bytes], n_genes: int, x: np.ndarray) -> bool:
-    """Decode the .csr members `bufs` (row i of x for member i) all at once; False, with x untouched, when any
-    member is malformed (header vs size, positions outside [0, n_genes) or not strictly increasing, non-finite
-    values): the caller then decodes sample by sample with decode_csr, whose errors name the sample.
-
-    Member layout (expression_shards.py): int32 nnz, int32 positions[nnz], float32 values[nnz]; every member is
-    4 + 8 nnz bytes, so all offsets into the concatenation are multiples of 4 and one int32 / float32 view of it
-    reads every field."""
-    sizes = np.fromiter((len(b) for b in bufs), np.int64, len(bufs))
+def member_slices(words: np.ndarray, floats: np.ndarray, starts: np.ndarray,
+                  sizes: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray] | None:
+    """(positions, values, nnz) of the .csr members at word offsets `starts` with byte sizes `sizes` of one buffer
+    seen as int32 `words` and float32 `floats` (member layout, expression_shards.py: int32 nnz, int32
+    positions[nnz], float32 values[nnz], so 4 + 8 nnz bytes); None when a header does not fit its size."""
     if np.any(sizes < 4) or np.any((sizes - 4) % 8):
-        return False
+        return None
     nnz = (sizes - 4) // 8
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]) // 4  # member starts, in int32 words
-    raw = b"".join(bufs)
-    words = np.frombuffer(raw, "<i4")
-    if not np.array_equal(words[starts], nnz):
-        return False
-    total = int(nnz.sum())
+    if np.any(starts + 1 + 2 * nnz > len(words)) or not np.array_equal(words[starts], nnz):
+        return None
+    first, count = (starts + 1).tolist(), nnz.tolist()
+    return ([words[s:s + n] for s, n in zip(first, count)], [floats[s + n:s + 2 * n] for s, n in zip(first, count)],
+            nnz)
+
+
+def scatter_rows(x: np.ndarray, rows: np.ndarray, nnz: np.ndarray, idx: np.ndarray, val: np.ndarray) -> bool:
+    """x[rows[i], positions of member i] = its values, for the concatenated positions idx and values val of the
+    members (nnz entries each); False, with x untouched, when a position is outside [0, x.shape[1]), a member's
+    positions are not strictly increasing, or a value is not finite."""
+    total, n_genes = len(idx), x.shape[1]
     if total == 0:
         return True
-    rows = np.repeat(np.arange(len(bufs)), nnz)
-    within = np.arange(total) - np.repeat(np.cumsum(nnz) - nnz, nnz)  # position inside its member
-    pos_at = np.repeat(starts + 1, nnz) + within  # word index of each position
-    idx = words[pos_at]
-    val = np.frombuffer(raw, "<f4")[pos_at + np.repeat(nnz, nnz)]
     if idx.min() < 0 or idx.max() >= n_genes or not np.isfinite(val).all():
         return False
-    same_row = rows[1:] == rows[:-1]
-    if np.any(same_row & (idx[1:] <= idx[:-1])):
+    inc = idx[1:] > idx[:-1]
+    first = np.cumsum(nnz)[:-1]  # where each member after the first starts in idx
+    first = first[(first > 0) & (first < total)]
+    inc[first - 1] = True  # a member may start below where the previous one ended
+    if not inc.all():
         return False
-    x[rows, idx] = val
+    flat = np.repeat(rows.astype(np.int64) * n_genes, nnz) + idx
+    if x.flags.c_contiguous:
+        x.reshape(-1)[flat] = val  # one scatter through the flat index
+    else:
+        x[flat // n_genes, idx] = val
     return True
+
+
+def decode_batch(bufs: list[Any], n_genes: int, x: np.ndarray) -> bool:
+    """Decode the .csr members `bufs` (row i of x for member i) all at once; False, with x untouched, when any
+    member is malformed (header vs size, positions outside [0, n_genes) or not strictly increasing, non-finite
+    values): the caller then decodes sample by sample with decode_csr, whose errors name the sample."""
+    m = len(bufs)
+    if m == 0:
+        return True
+    sizes = np.fromiter(map(len, bufs), np.int64, m)
+    starts = np.zeros(m, np.int64)
+    np.cumsum(sizes[:-1] // 4, out=starts[1:])  # member starts, in 4-byte words (sizes checked below)
+    raw = b"".join(bufs)
+    if len(raw) % 4:
+        return False
+    got = member_slices(np.frombuffer(raw, "<i4"), np.frombuffer(raw, "<f4"), starts, sizes)
+    if got is None:
+        return False
+    pos, vals, nnz = got
+    return scatter_rows(x[:, :n_genes], np.arange(m), nnz, np.concatenate(pos), np.concatenate(vals))
 
 
 class ExpressionTable:
@@ -141,15 +165,39 @@ class ExpressionBatches(ShardBatches):
         shard_of = np.searchsorted(self.starts, ids, side="right") - 1
         local = ids - self.starts[shard_of]
         uniq = np.unique(shard_of).tolist()
+        # The dense rows go into a ring slot when one is free (a DataLoader worker: shared memory, only the slot
+        # number crosses to the main process instead of a pickled 2 MB array; in process: no fresh pages to fault
+        # in per batch), else into a fresh array.
+        info = torch.utils.data.get_worker_info()
+        wid = info.id if info is not None else 0
+        slot = ring.acquire(wid) if ring is not None and len(ids) <= ring.batch_shape[0] else None
+        if slot is None:
+            x = np.zeros((len(ids), self.n_genes), np.float32)
+        else:
+            x = ring.slot(wid, slot).view(np.float32).reshape(ring.batch_shape[0], self.n_genes)[:len(ids)]
+            x.fill(0.0)
         self._pinned = len(uniq)  # a batch spanning more shards than the caches hold keeps them all open
         try:
-            out = self._fetch_mapped(ids, shard_of, local, uniq)
-            return out if out is not None else self._fetch_each(ids, shard_of, local, uniq)
+            out = self._fetch_mapped(ids, shard_of, local, uniq, x)
+            if out is None:
+                out = self._fetch_each(ids, shard_of, local, uniq, x)
+        except BaseException:
+            if slot is not None:
+                ring._release(wid, slot)
+            raise
         finally:
             self._pinned = 0
+        if slot is not None:
+            out["_slot"] = (wid, slot, len(out.pop("x")))
+        return out
 
-    def _map(self, s: int) -> np.ndarray | None:
-        """The shard file as a read-only uint8 array (a memory map, cached like the file handles); None when it
+    def ring_shape(self, batch_size: int) -> tuple[int, ...] | None:
+        """A ring slot holds a batch of dense float32 rows, as bytes: (batch, genes x 4)."""
+        return (batch_size, self.n_genes * 4)
+
+    def _map(self, s: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """The shard file as read-only uint8, int32 and float32 arrays over one memory map (cached like the file
+        handles; the word views cover the file's whole 4-byte words); None when it
         cannot be mapped (an empty file), and the per-sample path reports it. Shards are immutable once written;
         a file truncated while mapped would fault (SIGBUS) rather than raise, which is why every read checks the
         member against the mapped length first and a truncated shard goes to the per-sample path."""
@@ -161,7 +209,9 @@ class ExpressionBatches(ShardBatches):
             mm = mmap.mmap(self._file(s).fileno(), 0, access=mmap.ACCESS_READ)
         except (ValueError, OSError):
             return None
-        maps[s] = np.frombuffer(mm, np.uint8)
+        data = np.frombuffer(mm, np.uint8)
+        whole = data[:len(data) // 4 * 4]
+        maps[s] = (data, whole.view("<i4"), whole.view("<f4"))
         while len(maps) > max(self.cache_shards, self._pinned):
             maps.popitem(last=False)  # the map closes when the last view of it goes
         return maps[s]
@@ -171,46 +221,51 @@ class ExpressionBatches(ShardBatches):
         d.pop("_maps", None)
         return d
 
-    def _fetch_mapped(self, ids: np.ndarray, shard_of: np.ndarray, local: np.ndarray,
-                      uniq: list[int]) -> dict[str, Any] | None:
+    def _fetch_mapped(self, ids: np.ndarray, shard_of: np.ndarray, local: np.ndarray, uniq: list[int],
+                      x: np.ndarray) -> dict[str, Any] | None:
         """The batch with per-shard array checks and one decode; None when any sample needs the per-sample path
-        (a table entry that cannot be used, a missing or out-of-file member, a crc mismatch, a malformed
-        member). Nothing is marked verified unless the whole batch passes."""
+        (a table entry that cannot be used, a missing, misaligned or out-of-file member, a crc mismatch, a
+        malformed member). Members are read in place from the shard's map (int32 / float32 views of it: tar
+        members start at multiples of 512 bytes). Nothing is marked verified unless the whole batch passes."""
         n = len(ids)
         check = np.asarray(self._to_check(ids), bool)
-        bufs: list[Any] = [None] * n
-        tables = {}
+        rows, pos_parts, val_parts, nnz_parts, tables = [], [], [], [], {}
         for s in uniq:
-            _, _, _, table = idx = self._index(s)
-            arr = idx[0]
+            arr, _, _, table = self._index(s)
             mapped = self._map(s) if table is not None else None
             if mapped is None:
                 return None
-            pos = np.flatnonzero(shard_of == s)
-            jj = local[pos]
+            data, words, floats = mapped
+            at = np.flatnonzero(shard_of == s)
+            jj = local[at]
             po, size = arr[jj, 2], arr[jj, 3]
-            if not table.ok_all[jj].all() or (po < 0).any() or (po + size > len(mapped)).any():
+            if not table.ok_all[jj].all() or (po < 0).any() or (po % 4).any() or (po + size > len(data)).any():
                 return None
-            view = memoryview(mapped)
-            crc = table.crc
-            for p, j, o, z in zip(pos.tolist(), jj.tolist(), po.tolist(), size.tolist()):
-                buf = view[o:o + z]
-                if check[p] and crc is not None and payload_crc(buf) != crc[j]:
-                    return None  # the per-sample path raises the ChecksumError naming shard and key
-                bufs[p] = buf
+            need = check[at]  # first_pass: only members not yet verified; none after the first epoch
+            if table.crc is not None and need.any():
+                view, crc = memoryview(data), table.crc
+                for j, o, z in zip(jj[need].tolist(), po[need].tolist(), size[need].tolist()):
+                    if payload_crc(view[o:o + z]) != crc[j]:
+                        return None  # the per-sample path raises the ChecksumError naming shard and key
+            got = member_slices(words, floats, po // 4, size)
+            if got is None:
+                return None
+            rows.append(at)
+            pos_parts += got[0]
+            val_parts += got[1]
+            nnz_parts.append(got[2])
             tables[s] = table
-        x = np.zeros((n, self.n_genes), np.float32)
-        if n and not decode_batch(bufs, self.n_genes, x):
+        if pos_parts and not scatter_rows(x, np.concatenate(rows), np.concatenate(nnz_parts),
+                                          np.concatenate(pos_parts), np.concatenate(val_parts)):
             return None
         if self._verified is not None and n:
             self._verified.numpy()[ids] = 1
         return self._labels_out(x, shard_of, local, np.arange(n), uniq, tables, [])
 
-    def _fetch_each(self, ids: np.ndarray, shard_of: np.ndarray, local: np.ndarray,
-                    uniq: list[int]) -> dict[str, Any]:
-        """The batch sample by sample: every failure is a ShardError naming shard and key, raised or counted and
-        skipped by the bad-sample policy (data/errors.py)."""
-        x = np.zeros((len(ids), self.n_genes), np.float32)
+    def _fetch_each(self, ids: np.ndarray, shard_of: np.ndarray, local: np.ndarray, uniq: list[int],
+                    x: np.ndarray) -> dict[str, Any]:
+        """The batch sample by sample into the zeroed rows x: every failure is a ShardError naming shard and key,
+        raised or counted and skipped by the bad-sample policy (data/errors.py); kept samples fill x's first rows."""
         kept, skipped = np.empty(len(ids), np.int64), []
         check = self._to_check(ids)
         n = 0
@@ -266,6 +321,9 @@ class ExpressionBatches(ShardBatches):
         return out
 
     def to_batch(self, out: dict[str, Any], ring: Any = None) -> dict[str, Any]:
+        if "_slot" in out:  # the rows are in a ring slot: a tensor over it (the slot is freed with the tensor)
+            w, k, n = out.pop("_slot")
+            out["x"] = ring.tensor(w, k, n).view(torch.float32).view(n, self.n_genes)
         for k, v in out.items():
             if isinstance(v, np.ndarray):
                 out[k] = torch.from_numpy(v)

@@ -360,6 +360,10 @@ class ShardBatches(Dataset):
             out[g] = torch.from_numpy(out[g])
         return out
 
+    def ring_shape(self, batch_size: int) -> tuple[int, ...] | None:
+        """The byte shape of one ring slot: a batch of uint8 images (None: no ring)."""
+        return (batch_size, *self.shape) if self.shape else None
+
     def _shard_name(self, g: int) -> str:
         return self.records[int(np.searchsorted(self.starts, g, side="right") - 1)]["name"]
 
@@ -457,11 +461,11 @@ class ShardLoader:
             source = dali_batches(self, self.epoch, self.batch)
         else:
             sampler = _BatchIds(self.epoch, self.batch, self.per_epoch, self.infinite)
-            shape = (self.batch_size, *self.dataset.shape)
+            shape = self.dataset.ring_shape(self.batch_size)
             # Ring slots in this process: the batch being read, the caller's, the previous one. Per worker: its
             # prefetched batches, the one being consumed, the consumer's previous one, and one spare; when the
-            # consumer holds more, workers fall back to fresh segments. Expression batches (no shape): no ring.
-            ring = None if not self.dataset.shape else \
+            # consumer holds more, workers fall back to fresh segments.
+            ring = None if shape is None else \
                 BatchRing(1, 3, shape, shared=False) if self.num_workers == 0 else \
                 BatchRing(self.num_workers, self.prefetch_factor + 3, shape)
             if self.num_workers == 0:
