@@ -171,7 +171,8 @@ def check_modality(cfg: Any) -> None:
     d, m, e = cfg.data, cfg.model, cfg.expr
     if m.prediction == "data" and not (d.modality == "microscopy" and m.arch == "mit" and cfg.flow.path == "linear"):
         raise ConfigError(f"model.prediction=data is for the MiT on the linear path (v = (x1_hat - x_t) / (1 - t)); "
-                          f"got data.modality={d.modality}, model.arch={m.arch}, flow.path={cfg.flow.path}")
+                          f"got data.modality={d.modality}, model.arch={m.arch}, flow.path={cfg.flow.path}: set "
+                          f"model.prediction=velocity (the demo preset predicts data)")
     if d.modality == "microscopy":
         if m.arch not in ("mit", "unet"):
             raise ConfigError(f"model.arch={m.arch!r} is an expression model; data.modality=microscopy trains mit "

@@ -8,7 +8,7 @@ import torch
 from phenoflow.config import ConfigError, resolve
 from phenoflow.modalities import image_network
 
-TINY = ["model.arch=unet", "model.unet_base_channels=16", "model.unet_channel_mult=[1,2]", "data.image_size=16",
+TINY = ["model.arch=unet", "model.prediction=velocity", "model.unet_base_channels=16", "model.unet_channel_mult=[1,2]", "data.image_size=16",
         "data.channels=3", "data.train_images=128", "data.val_images=32", "data.samples_per_shard=64",
         "train.batch_size=16", "train.precision=fp32", "train.device=cpu"]
 
