@@ -23,7 +23,7 @@ import torch.distributed as dist
 from phenoflow.config import resolve
 from phenoflow.train.trainer import NonFiniteError, Trainer
 
-TINY = ["data.image_size=16", "data.channels=3", "data.train_images=256", "data.val_images=32",
+TINY = ["model.prediction=velocity", "flow.time_sampler=uniform", "data.image_size=16", "data.channels=3", "data.train_images=256", "data.val_images=32",
         "data.samples_per_shard=64", "data.num_perturbations=3", "data.num_experiments=2",
         "model.size=tiny", "model.depth=2", "model.hidden_size=32", "model.num_heads=2", "model.patch_size=4",
         "train.batch_size=16", "train.micro_batch_size=4", "train.lr=1e-3", "train.precision=fp32",
