@@ -40,7 +40,10 @@ def _demo() -> Config:
     c.train.batch_size, c.train.total_samples, c.train.lr = 32, 32 * 2400, 1e-3
     c.train.log_every_samples, c.train.ckpt_every_samples = 32 * 100, 32 * 400
     c.eval.ema_std = 0.05  # a short run: the wider average of the two tracked widths
-    c.eval.solver, c.eval.steps, c.eval.batch_size = "heun", 20, 64
+    # Euler, 20 steps: with the data head the last Euler step lands on the model's clean-image estimate, while
+    # Heun's corrector at t = 1 multiplies x1_hat differences by 1 / 0.05; on the sampling study's model euler 20
+    # scores FD_morph 22.7 against heun 20's 30.6 (and dopri5's 26.8 at 90 NFE) at half the NFE (docs/studies).
+    c.eval.solver, c.eval.steps, c.eval.batch_size = "euler", 20, 64
     c.eval.guidance = [1.0, 2.0]
     return c
 
