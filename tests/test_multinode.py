@@ -97,6 +97,8 @@ def test_two_nodes_match_one_process(parity, spec):
     """tests/test_engine_equivalence.py's checks on the 2 x 2 results: losses, gradient norms, weights and EMA
     against one process; NaN skip; native and consolidated reload repeat the next step; the consolidated state
     (4 ranks -> 1) continues in this process and the export reproduces the distributed model's outputs."""
+    _, res = parity
+    assert spec in res and res[spec]["records"], f"the 2 x 2 run has no results for {spec}: {sorted(res)}"
     EQ.test_engine_matches_single_process(parity, spec)
     EQ.test_nonfinite_skip_and_checkpoints(parity, spec)
     EQ.test_consolidated_resume_and_export_in_one_process(parity, spec)
