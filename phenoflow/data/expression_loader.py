@@ -158,8 +158,9 @@ class ExpressionBatches(ShardBatches):
     def fetch(self, item: tuple[int, int], ring: Any = None) -> dict[str, Any]:
         """One batch. Fast path (`_fetch_mapped`): each shard's members of the batch sliced out of the shard's
         memory map, their table entries checked as arrays, crc32s checked, then decoded for the whole batch at once
-        (decode_batch). Any problem sends the batch through the per-sample path (`_fetch_each`), which names the
-        sample and applies the bad-sample policy."""
+        (member_slices + scatter_rows; decode_batch does the same for a list of member bytes). Any problem sends
+        the batch through the per-sample path (`_fetch_each`), which names the sample and applies the bad-sample
+        policy."""
         epoch, b = item
         ids = self.order(epoch)[b * self.batch_size:(b + 1) * self.batch_size]
         shard_of = np.searchsorted(self.starts, ids, side="right") - 1
