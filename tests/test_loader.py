@@ -171,3 +171,24 @@ def test_ring_reuses_slots_when_batches_are_dropped(shards, workers):
     assert ring.acquire(0) is None  # a view still uses slot 1
     del view
     assert ring.acquire(0) == 1  # released with the last view
+
+
+def test_finite_loader_keeps_its_workers_between_full_passes_only(shards):
+    """A finite loader's next pass reuses the workers of a pass that ran to its end (their shard caches survive),
+    and gives the same batches as a loader read in process; a pass abandoned early keeps nothing, so the next
+    pass starts fresh workers and still resumes at the right batch."""
+    ref = ShardLoader(shards, "train", 16, seed=4, infinite=False)
+    ref_epochs = [[b["key"] for b in ref] for _ in range(3)]
+    loader = ShardLoader(shards, "train", 16, seed=4, num_workers=2, infinite=False)
+    first = [b["key"] for b in loader]
+    kept = loader._kept
+    assert kept is not None and kept[0]._iterator is not None  # persistent workers, alive
+    second = [b["key"] for b in loader]
+    assert loader._kept is not None and loader._kept[0] is kept[0]  # the same DataLoader served pass two
+    assert [first, second] == ref_epochs[:2]
+    it = iter(loader)
+    partial = [next(it)["key"], next(it)["key"]]
+    it.close()  # abandoned: nothing kept
+    assert loader._kept is None
+    rest = [b["key"] for b in loader]  # resumes at batch 2 of epoch 2 with fresh workers
+    assert partial + rest == ref_epochs[2]

@@ -103,6 +103,7 @@ class ShardBatches(Dataset):
     Expression folders use the subclass in expression_loader.py (same order, caches, checks and policies)."""
 
     payload, exts = "image", tuple(EXT_TO_ENCODING)  # what a sample's payload member holds, its extensions
+    row_lists = True  # _index also keeps each shard's rows as Python lists (the per-sample loop reads those)
 
     def __init__(self, folder: str | Path, split: str, batch_size: int, rank: int, world_size: int, seed: int,
                  shuffle: bool, window: int, bad_sample_policy: str = "error", cache_shards: int = 32,
@@ -151,8 +152,9 @@ class ShardBatches(Dataset):
 
     def _index(self, s: int) -> tuple[np.ndarray, list[str], list[list[int]], LabelTable | None]:
         """(count, 5) int64 (json offset, json size, image offset, image size, image ext code), the keys, the same
-        rows as Python lists (what the per-sample loop reads without numpy scalar overhead), and the shard's label
-        table when the manifest lists one (else labels come from each sample's json member)."""
+        rows as Python lists (what the per-sample loop reads without numpy scalar overhead; None when `row_lists` is
+        False), and the shard's label table when the manifest lists one (else labels come from each sample's json
+        member)."""
         if s in self._indexes:
             self._indexes.move_to_end(s)
             return self._indexes[s]
@@ -165,7 +167,7 @@ class ShardBatches(Dataset):
             cols = read_label_table(self.folder / rec["labels"], rec["count"], rec.get("checksum") == CHECKSUM,
                                     label_columns(tuple(self.vocabs)))
             table = self._table(cols, keys, rec["name"])
-        self._indexes[s] = (arr, keys, arr.tolist(), table)
+        self._indexes[s] = (arr, keys, arr.tolist() if self.row_lists else None, table)
         while len(self._indexes) > max(self.cache_shards, self._pinned):
             self._indexes.popitem(last=False)
         return self._indexes[s]
@@ -423,6 +425,7 @@ class ShardLoader:
         self.epoch, self.batch = 0, 0
         self.skipped = 0
         self.skipped_log: list[str] = []  # the last 1000 skip messages
+        self._kept: tuple[Any, Any, Any] | None = None  # a finished finite pass's (DataLoader, sampler, ring)
 
     @property
     def vocabs(self) -> dict[str, Vocab]:
@@ -460,24 +463,35 @@ class ShardLoader:
 
             source = dali_batches(self, self.epoch, self.batch)
         else:
-            sampler = _BatchIds(self.epoch, self.batch, self.per_epoch, self.infinite)
-            shape = self.dataset.ring_shape(self.batch_size)
-            # Ring slots in this process: the batch being read, the caller's, the previous one. Per worker: its
-            # prefetched batches, the one being consumed, the consumer's previous one, and one spare; when the
-            # consumer holds more, workers fall back to fresh segments.
-            ring = None if shape is None else \
-                BatchRing(1, 3, shape, shared=False) if self.num_workers == 0 else \
-                BatchRing(self.num_workers, self.prefetch_factor + 3, shape)
+            kept, self._kept = self._kept, None
+            if kept is not None:  # the previous finite pass ended: its workers (and their caches) serve this one
+                dl, sampler, ring = kept
+                sampler.epoch, sampler.batch = self.epoch, self.batch
+            else:
+                sampler = _BatchIds(self.epoch, self.batch, self.per_epoch, self.infinite)
+                shape = self.dataset.ring_shape(self.batch_size)
+                # Ring slots in this process: the batch being read, the caller's, the previous one. Per worker:
+                # its prefetched batches, the one being consumed, the consumer's previous one, and one spare;
+                # when the consumer holds more, workers fall back to fresh segments.
+                ring = None if shape is None else \
+                    BatchRing(1, 3, shape, shared=False) if self.num_workers == 0 else \
+                    BatchRing(self.num_workers, self.prefetch_factor + 3, shape)
+                dl = None
             if self.num_workers == 0:
                 source = (self.dataset.fetch(item, ring) for item in sampler)
             else:
-                self.dataset.ring = ring  # the workers start (and take their copy of the dataset) in iter() below
-                # A private generator: DataLoader draws its workers' base seed when the iterator starts, and from
-                # the global torch generator that would shift the trainer's per-step draws after a resume.
-                source = iter(DataLoader(self.dataset, batch_size=None, sampler=sampler,
-                                         num_workers=self.num_workers, collate_fn=_identity,
-                                         prefetch_factor=self.prefetch_factor, persistent_workers=False,
-                                         generator=torch.Generator().manual_seed(self.seed)))
+                if dl is None:
+                    # A private generator: DataLoader draws its workers' base seed when the iterator starts, and
+                    # from the global torch generator that would shift the trainer's per-step draws after a
+                    # resume. A finite loader keeps its workers from one pass to the next (persistent), so that
+                    # their shard tables, maps and open files are built once, not every epoch; an infinite one
+                    # never ends its pass.
+                    dl = DataLoader(self.dataset, batch_size=None, sampler=sampler,
+                                    num_workers=self.num_workers, collate_fn=_identity,
+                                    prefetch_factor=self.prefetch_factor, persistent_workers=not self.infinite,
+                                    generator=torch.Generator().manual_seed(self.seed))
+                self.dataset.ring = ring  # workers start (and copy the dataset) in the first iter(dl)
+                source = iter(dl)
                 self.dataset.ring = None
         for out in source:
             if self.backend != "dali":
@@ -494,3 +508,7 @@ class ShardLoader:
                 self.epoch, self.batch = self.epoch + 1, 0
             yield out
             del out  # the caller's reference is the only one left: a ring slot is free once the caller drops it
+        if self.backend != "dali" and self.num_workers > 0 and not self.infinite:
+            # The pass ran to its end (nothing prefetched is outstanding): the next pass may reuse the workers. A
+            # pass abandoned early keeps nothing: its DataLoader, and the workers, go with this generator.
+            self._kept = (dl, sampler, ring)
