@@ -10,11 +10,13 @@ Parts (--parts, default all three):
   loader  cells/s per worker of two epochs of row batches (--batch cells, dense float32 (B, G) plus labels) from
           expression shards (phenoflow ShardLoader: tar members of sparse rows read from each shard's memory map,
           labels mapped through the manifest's vocabularies; epoch 0 also checks every member's crc32 and builds
-          the shard tables (checksums=first_pass), epoch 1 is every later epoch of a run) against the same cells from the h5ad in
+          the shard tables (checksums=first_pass), epoch 1 is every later epoch of a run: the loader keeps its
+          workers between passes) against the same cells from the h5ad in
           anndata backed mode (read_h5ad(backed='r'): obs in memory, X through h5py; each batch = the same cells
           in the same shuffled order as the shard epoch, rows sorted for h5py, X[rows] as CSR, densified, put back
           in order, perturbation codes from obs), both in a DataLoader with --workers processes (0 = main
-          process). Page cache warm for both (files written just before). Target: shards >= 5x.
+          process). Page cache warm for both (files written just before). Target: shards >= 5x. An epoch is
+          --loader-cells cells (65,536: a process's one-off warm-up, ~0.1 s, would dominate a shorter epoch).
   memory  peak resident memory (VmHWM of a fresh process) while training --mem-steps steps of the CPU-preset U-Net
           (expression-demo preset, phenoflow.train.trainer.Trainer, data.source=shards) from a shard folder
           converted from a generated h5ad of --mem-cells cells x 2,000 genes, and the same from a folder of one
@@ -325,7 +327,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--train-batch", default=None,
                    help="per-model batch, e.g. unet_ref=8,unet_cpu=32,mlp=256 (default: that on CPU, 256 on GPU)")
-    p.add_argument("--loader-cells", type=int, default=16384)
+    p.add_argument("--loader-cells", type=int, default=65536)
     p.add_argument("--loader-genes", type=int, default=2000)
     p.add_argument("--batch", type=int, default=256, help="loader batch")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1])
