@@ -10,7 +10,8 @@ Parts (--parts, default all three):
   loader  cells/s per worker of two epochs of row batches (--batch cells, dense float32 (B, G) plus labels) from
           expression shards (phenoflow ShardLoader: tar members of sparse rows read from each shard's memory map,
           labels mapped through the manifest's vocabularies; epoch 0 also checks every member's crc32 and builds
-          the shard tables (checksums=first_pass), epoch 1 is every later epoch of a run: the loader keeps its
+          the shard tables (checksums=first_pass; also measured with checksums=off, like for like with the h5ad,
+          which checks nothing), epoch 1 is every later epoch of a run: the loader keeps its
           workers between passes) against the same cells from the h5ad in
           anndata backed mode (read_h5ad(backed='r'): obs in memory, X through h5py; each batch = the same cells
           in the same shuffled order as the shard epoch, rows sorted for h5py, X[rows] as CSR, densified, put back
@@ -264,24 +265,28 @@ def bench_loader(args, tmp: Path) -> list[dict]:
     shards = tmp / "loader_shards"
     man = convert_anndata(str(h5), shards, samples_per_shard=max(256, args.loader_cells // 8))
     n_cells = man["splits"]["train"]["count"]
-    runs: dict[tuple[str, int, int], list[float]] = {}
+    runs: dict[tuple[str, int, int, bool], list[float]] = {}
     for rnd in range(args.rounds):
         for w in args.workers:
             loader = ShardLoader(shards, "train", args.batch, num_workers=w, seed=rnd, infinite=False)
             for epoch in (0, 1):  # 0: every member's crc32 checked (checksums=first_pass); 1: checked already
                 keys: list[str] = []
                 n, dt = _drain(iter(loader), keys)  # the next iter() is the loader's next epoch
-                runs.setdefault(("shards", w, epoch), []).append(n / dt)
+                runs.setdefault(("shards", w, epoch, epoch == 0), []).append(n / dt)
                 rows_order = np.asarray([int(k[1:]) for k in keys], np.int64)  # key c<row>: the h5ad row
                 ds = BackedBatches(str(h5), rows_order, args.batch)
                 n, dt = _drain(iter(DataLoader(ds, batch_size=None, shuffle=False, num_workers=w)))
-                runs.setdefault(("h5ad_backed", w, epoch), []).append(n / dt)
+                runs.setdefault(("h5ad_backed", w, epoch, False), []).append(n / dt)
+            # Like for like with the h5ad, which checks nothing: epoch 0 (same order) with checksums off.
+            n, dt = _drain(iter(ShardLoader(shards, "train", args.batch, num_workers=w, seed=rnd, infinite=False,
+                                            checksums="off")))
+            runs.setdefault(("shards", w, 0, False), []).append(n / dt)
     out = []
-    for (backend, w, epoch), rates in runs.items():
-        base = runs[("h5ad_backed", w, epoch)]
+    for (backend, w, epoch, crc), rates in runs.items():
+        base = runs[("h5ad_backed", w, epoch, False)]
         rate = float(np.median(rates))
         out.append({"bench": NAME, "part": "loader", "backend": backend, "workers": w, "epoch": epoch,
-                    "crc_checked": backend == "shards" and epoch == 0, "genes": args.loader_genes,
+                    "crc_checked": crc, "genes": args.loader_genes,
                     "cells": n_cells, "batch": args.batch, "rounds": len(rates), "cells_per_s": rate,
                     "cells_per_s_min": min(rates), "cells_per_s_max": max(rates),
                     "cells_per_s_per_worker": rate / max(w, 1),
