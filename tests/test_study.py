@@ -167,6 +167,13 @@ def test_tiny_study_report_skip_and_resume(tmp_path):
     assert run_study(st) == 0
     assert len(starts(runs / "A-s0")) == 1 and len(starts(runs / "B-s0")) == 2
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    # Time: each unit that ran keeps its wall time; invocations that ran units are listed (the rerun ran none).
+    status = json.loads((st.study_dir / "status.json").read_text())
+    assert all(status[u]["seconds"] > 0 for u in ("train/B-s0", "eval/A-s0", "eval/B-s0", "eval/C-s0"))
+    timing = json.loads((st.study_dir / "timing.json").read_text())
+    assert len(timing) == 1 and timing[0]["units_run"] == 4 and timing[0]["wall_s"] > 0  # B's training + 3 evals
+    report = (st.study_dir / "report.md").read_text()
+    assert "## Time" in report and "- eval: 3 units" in report and "min wall for 4 units, 1 at a time" in report
 
 
 def _row(name, config, arch, fd, kd, ef=1.0, path="linear", sigma=0.1, mode="generate", coupling="independent"):
@@ -208,7 +215,7 @@ def test_cli_yaml_study_with_parallel_jobs(tmp_path, capsys):
     sd = tmp_path / "studies" / "two"
     status = json.loads((sd / "status.json").read_text())
     assert set(status) == {"train/B-s0", "train/D-s0", "eval/B-s0", "eval/D-s0"}
-    assert all(v["state"] == "done" for v in status.values())
+    assert all(v["state"] == "done" and v["seconds"] > 0 for v in status.values())  # timed in the parent
     assert {p.name for p in (sd / "logs").iterdir()} == {"train_B-s0.log", "train_D-s0.log", "eval_B-s0.log",
                                                           "eval_D-s0.log"}  # each unit its own process
     data = json.loads((sd / "report.json").read_text())

@@ -14,10 +14,11 @@ interpolants      Table 5: Config B with the linear, variance-preserving and Bro
 sampling          one Config B MiT run scored with dopri5 at several rtol, Heun and Euler at several step counts
                   (FD and NFE; the question: the reference FD at half the NFE or less with a fixed-step solver).
 
-Sizes: quick = the demo preset's tiny MiT on 32 px synthetic images and its measured budget (1,200 steps of 32:
-about 3 minutes per run at the demo's 220-240 images/s on 2 cores), mit-design-space with seeds 0 and 1; sized
-for about 30 minutes on a 2-core CPU, not yet measured end to end. full = a GPU size (64 px, MiT-B/4 and an ADM
-of base 128, 40k steps of 128, seeds 0-2).
+Sizes: quick = the demo preset's tiny MiT on 32 px synthetic images, 1,200 steps of 32 per run (sampling,
+interpolants), scored with Euler 20 steps (the sampling study: better than Heun 20 for the data head at half the
+NFE); mit-design-space with seeds 0 and 1 and 800 steps of 32 per run (its 12 trainings and 20 evaluations on 2
+cores: the measured time is in its report). full = a GPU size (64 px, MiT-B/4 and an ADM of base 128, 40k steps of
+128, seeds 0-2).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ _BASE = {
         "overrides": ["data.image_size=32", "data.channels=6", "data.num_perturbations=6", "data.num_experiments=3",
                       "data.train_images=2048", "data.val_images=256", "data.samples_per_shard=512",
                       "train.batch_size=32", "train.total_samples=38400", "train.lr=1e-3", "train.device=auto",
-                      "train.tensorboard=false", "eval.solver=heun", "eval.steps=20", "eval.batch_size=64"],
+                      "train.tensorboard=false", "eval.solver=euler", "eval.steps=20", "eval.batch_size=64"],
         "protocol": ["eval.guidance=[1,2]", "eval.features=[morphology]", "eval.max_images=0", "eval.split=val",
                      "eval.ema_std=0.05"],
         # The demo's recipe (docs/demo_quality.md): the tiny MiT at patch 4 predicts the clean image (its 96-value
@@ -44,6 +45,9 @@ _BASE = {
         "adm": ["model.arch=unet", "model.unet_base_channels=16", "model.unet_channel_mult=[1,2,2]",
                 "model.unet_num_res_blocks=1", "model.prediction=velocity"],
         "samples": 38400,
+        # mit-design-space trains 12 runs (A, B, D x 2 models x 2 seeds) and scores 20: 800 steps of 32 each
+        # keeps it near 30 minutes on 2 cores (measured: docs/studies/mit-design-space-quick).
+        "design_samples": 25600,
         "seeds": [0],
     },
     "full": {
@@ -59,6 +63,7 @@ _BASE = {
         "adm": ["model.arch=unet", "model.unet_base_channels=128", "model.unet_channel_mult=[1,2,3,4]",
                 "model.unet_num_res_blocks=2", "model.prediction=velocity"],
         "samples": 5120000,
+        "design_samples": 5120000,
         "seeds": [0, 1, 2],
     },
 }
@@ -76,10 +81,10 @@ def _study(name: str, size: str, description: str, variants: list[Variant], out_
 
 def mit_design_space(size: str, out_dir: str | None = None) -> Study:
     b = _BASE[size]
-    short = int(b["samples"] * 0.3) // 32 * 32
+    short = int(b["design_samples"] * 0.3) // 32 * 32
     variants = []
     for arch, label in (("adm", "ADM"), ("mit", "MiT")):
-        m = b[arch]
+        m = [*b[arch], f"train.total_samples={b['design_samples']}"]
         variants += [
             Variant(f"A-{arch}", [*m, *CONFIG_A, f"train.total_samples={short}"], label=f"{label} control -> perturbed",
                     config="A", eval_mode="control"),

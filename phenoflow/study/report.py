@@ -269,6 +269,29 @@ def grid_links(data: dict[str, Any], study_dir: Path) -> list[str]:
     return out or ["(no grids yet)"]
 
 
+def time_lines(study: Study) -> list[str]:
+    """The study's time: unit wall time summed by kind (status.json), and each invocation's wall time
+    (timing.json: a killed and rerun study has several)."""
+    status = read_status(study)
+    by_kind: dict[str, list[float]] = {}
+    for name, st in status.items():
+        if "seconds" in st:
+            by_kind.setdefault(name.split("/")[0], []).append(float(st["seconds"]))
+    runs = _json(study.study_dir / "timing.json") or []
+    if not by_kind and not runs:
+        return []
+    out = ["## Time", ""]
+    for kind, secs in sorted(by_kind.items(), reverse=True):
+        out.append(f"- {kind}: {len(secs)} units, {sum(secs) / 60:.1f} min of unit wall time "
+                   f"(longest {max(secs) / 60:.1f} min)")
+    for r in runs:
+        threads = f" (OMP_NUM_THREADS={r['omp_num_threads']})" if r.get("omp_num_threads") else ""
+        gpus = f", {r['gpus']} GPUs" if r.get("gpus") else ""
+        out.append(f"- invocation of {r['started']}: {r['wall_s'] / 60:.1f} min wall for {r['units_run']} units, "
+                   f"{r['jobs']} at a time, on {r['cpu_count']} CPU cores{threads}{gpus}")
+    return [*out, ""]
+
+
 def write_study_report(study: Study) -> Path:
     from phenoflow.study.findings import findings
 
@@ -292,6 +315,7 @@ def write_study_report(study: Study) -> Path:
         lines += ["## Samplers", "", *solver_table(data), ""]
     lines += ["## Real vs generated", "", *grid_links(data, sd), "", "## Findings", ""]
     lines += [f"- {f['finding']}: {f['verdict']}" for f in data["findings"]]
+    lines += ["", *time_lines(study)]
     (sd / "report.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
     (sd / "report.md").write_text("\n".join(lines) + "\n")
     return sd / "report.md"

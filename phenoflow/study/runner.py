@@ -161,10 +161,14 @@ def read_status(study: Study) -> dict[str, dict[str, Any]]:
         return {}
 
 
-def _set_status(study: Study, unit: str, state: str, message: str = "") -> None:
+def _set_status(study: Study, unit: str, state: str, message: str = "", seconds: float | None = None) -> None:
     # One writer at a time per study (the parent process); units run as children report through exit codes.
+    # `seconds`: the unit's wall time when it ran now; a unit finished before keeps the time it took then.
     st = read_status(study)
-    st[unit] = {"state": state, **({"message": message} if message else {})}
+    kept = st.get(unit, {}).get("seconds") if state == "done" and seconds is None else None
+    sec = seconds if seconds is not None else kept
+    st[unit] = {"state": state, **({"message": message} if message else {}),
+                **({"seconds": round(sec, 1)} if sec is not None else {})}
     p = _status_path(study)
     tmp = p.with_suffix(".tmp")
     tmp.write_text(json.dumps(st, indent=2) + "\n")
@@ -200,6 +204,23 @@ def run_unit(study: Study, u: Unit, progress: bool = False) -> str:
 
 
 # ---- the study ---------------------------------------------------------------------------------------------
+def record_invocation(study: Study, started: float, jobs: int, units: int) -> None:
+    """Append this invocation's wall time (and what it ran on) to study_dir/timing.json: a killed and rerun study
+    lists each invocation that ran units."""
+    p = study.study_dir / "timing.json"
+    try:
+        runs = json.loads(p.read_text())
+    except (OSError, ValueError):
+        runs = []
+    runs.append({"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+                 "wall_s": round(time.time() - started, 1), "jobs": jobs, "units_run": units,
+                 "cpu_count": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS", ""),
+                 "gpus": len(_devices())})
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(json.dumps(runs, indent=2) + "\n")
+    os.replace(tmp, p)
+
+
 def _devices() -> list[str]:
     try:
         import torch
@@ -210,7 +231,8 @@ def _devices() -> list[str]:
     return [str(i) for i in range(n)]
 
 
-def _run_parallel(study: Study, units: list[Unit], jobs: int, spec_arg: list[str]) -> dict[str, tuple[str, str]]:
+def _run_parallel(study: Study, units: list[Unit], jobs: int,
+                  spec_arg: list[str]) -> dict[str, tuple[str, str, float]]:
     """Each unit as its own `phenoflow study ... --unit NAME` process, at most `jobs` at once, process i on CUDA
     device i mod (number of devices) when there are several."""
     devices, out, running = _devices(), {}, []
@@ -225,16 +247,19 @@ def _run_parallel(study: Study, units: list[Unit], jobs: int, spec_arg: list[str
             slot += 1
             logf = open(study.study_dir / "logs" / (u.name.replace("/", "_") + ".log"), "a")  # noqa: SIM115
             cmd = [sys.executable, "-m", "phenoflow", "study", *spec_arg, "--unit", u.name]
-            running.append((u, subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT), logf))
+            running.append((u, subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT), logf,
+                            time.perf_counter()))
         done = [c for c in running if c[1].poll() is not None]
         if not done:
             time.sleep(0.5)
             continue
-        u, p, logf = done[0]
+        u, p, logf, t0 = done[0]
         logf.close()
-        running.remove((u, p, logf))
-        out[u.name] = ("done", "") if p.returncode == 0 else (
-            "failed", f"exit code {p.returncode}; see {study.study_dir / 'logs' / (u.name.replace('/', '_') + '.log')}")
+        running.remove(done[0])
+        sec = time.perf_counter() - t0
+        out[u.name] = ("done", "", sec) if p.returncode == 0 else (
+            "failed", f"exit code {p.returncode}; see {study.study_dir / 'logs' / (u.name.replace('/', '_') + '.log')}",
+            sec)
     return out
 
 
@@ -252,7 +277,7 @@ def run_study(study: Study, jobs: int = 1, only: str | None = None, spec_arg: li
         print(f"[study] {u.name}: {state}")
         return 0
     (sd / "study.json").write_text(json.dumps(study.to_dict(), indent=2) + "\n")
-    failed = 0
+    failed, started, ran = 0, time.time(), 0
     for kind in ("train", "eval"):
         todo = []
         for u in (x for x in units if x.kind == kind):
@@ -268,20 +293,25 @@ def run_study(study: Study, jobs: int = 1, only: str | None = None, spec_arg: li
             else:
                 todo.append(u)
         if jobs > 1 and len(todo) > 1:
-            for name, (state, msg) in _run_parallel(study, todo, jobs, spec_arg or []).items():
-                _set_status(study, name, state, msg)
+            ran += len(todo)
+            for name, (state, msg, sec) in _run_parallel(study, todo, jobs, spec_arg or []).items():
+                _set_status(study, name, state, msg, sec)
                 failed += state == "failed"
                 print(f"[study] {name}: {state}{' (' + msg + ')' if msg else ''}")
             continue
         for u in todo:
             print(f"[study] {u.name}: running")
+            ran += 1
+            t0 = time.perf_counter()
             try:
                 run_unit(study, u, progress)
-                _set_status(study, u.name, "done")
+                _set_status(study, u.name, "done", seconds=time.perf_counter() - t0)
             except PhenoflowError as e:
                 failed += 1
-                _set_status(study, u.name, "failed", str(e))
+                _set_status(study, u.name, "failed", str(e), time.perf_counter() - t0)
                 print(f"[study] {u.name}: failed: {e}")
+    if ran:
+        record_invocation(study, started, jobs, ran)
     if report:
         from phenoflow.study.report import write_study_report
 
