@@ -34,6 +34,10 @@ class ModelConfig:
     # wide as the model (the CPU demo: 4 x 4 x 6 = 96 values per token, width 128) velocity prediction cannot
     # pass the per-pixel noise through the token bottleneck and samples stay speckle (docs/demo_quality.md).
     prediction: str = "velocity"
+    # MiT output head: 0 = the paper's linear decoder (each p x p patch from its own token); K > 0 = that decoder
+    # to K channels, then Conv3x3 -> SiLU -> Conv3x3 to the image channels, so neighbouring patches agree at
+    # their borders (the CPU demo's 4 x 4 patch seams; docs/demo_quality.md).
+    output_conv: int = 0
     # Expression velocity fields (model.arch=unet|mlp; phenoflow/model/expression.py). CPU-sized defaults; the
     # PRiMeFlow shape reference is base 32, channel_mult [1, 2, 4, 8] (~5.8M parameters at 2,000 genes).
     unet_base_channels: int = 16

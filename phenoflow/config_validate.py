@@ -173,6 +173,9 @@ def check_modality(cfg: Any) -> None:
         raise ConfigError(f"model.prediction=data is for the MiT on the linear path (v = (x1_hat - x_t) / (1 - t)); "
                           f"got data.modality={d.modality}, model.arch={m.arch}, flow.path={cfg.flow.path}: set "
                           f"model.prediction=velocity (the demo preset predicts data)")
+    if m.output_conv < 0 or (m.output_conv and m.arch != "mit"):
+        raise ConfigError(f"model.output_conv={m.output_conv}: the MiT's convolutional output head takes K >= 1 "
+                          f"channels (0 = the linear decoder), and only model.arch=mit has it (got {m.arch})")
     if d.modality == "microscopy":
         if m.arch not in ("mit", "unet"):
             raise ConfigError(f"model.arch={m.arch!r} is an expression model; data.modality=microscopy trains mit "

@@ -178,3 +178,49 @@ def test_data_prediction_config_is_checked():
         resolve("demo", ["model.prediction=data", "flow.path=vp"])
     with pytest.raises(ConfigError, match="linear path"):
         resolve("expression-demo", ["model.prediction=data"])
+
+
+def test_output_conv_head_after_unpatchify():
+    """model.output_conv=K: the final layer gives K channels per pixel, then Conv3x3 -> SiLU -> Conv3x3 to the
+    image channels. Checked against a direct computation from the final layer's output; the head starts at 0 and
+    still trains (the zero-initialised final layer gets a gradient through the convolutions); the FLOP model
+    counts it; a pixel's output depends on the neighbouring patch's head values (the seam the head exists for)."""
+    import torch.nn.functional as F
+
+    from phenoflow.model.flops import forward_macs
+
+    m0 = tiny(output_conv=8)
+    x, t = torch.randn(2, 6, 16, 16), torch.rand(2)
+    out = m0(x, t, labels(2))
+    assert out.shape == x.shape and torch.count_nonzero(out) == 0  # zero-initialised final layer, zero biases
+    y = m0(x, t, labels(2))
+    (y - x).square().mean().backward()
+    assert m0.final_layer.linear.weight.grad.abs().sum() > 0  # not a dead head
+    m = randomize(tiny(output_conv=8)).eval()
+    seen = {}
+    m.final_layer.register_forward_hook(lambda mod, inp, o: seen.__setitem__("z", o))
+    got = m(x, t, labels(2))
+    z = m.unpatchify(seen["z"])
+    assert z.shape == (2, 8, 16, 16)
+    c1, c2 = m.output_conv.conv1, m.output_conv.conv2
+    want = F.conv2d(F.silu(F.conv2d(z, c1.weight, c1.bias, padding=1)), c2.weight, c2.bias, padding=1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    z2 = z.clone()
+    z2[:, :, 4:8, 4:8] += 1.0  # one patch's head values (patch 4)
+    moved = (m.output_conv(z2) - m.output_conv(z)).abs().sum(1)[0]
+    assert moved[4:8, 3].min() > 0 and moved[4:8, 8].min() > 0 and moved[4:8, 10].max() == 0  # reach: 2 pixels
+    macs, base = forward_macs(m.shape), forward_macs(tiny().shape)
+    assert macs["output_conv"] == 16 * 16 * 9 * (8 * 8 + 8 * 6) and base["output_conv"] == 0
+    assert macs["embed_final"] - base["embed_final"] == 16 * 32 * (16 * 8 - 16 * 6)  # N D p^2 (K - C)
+
+
+def test_output_conv_config_is_checked():
+    import pytest
+
+    from phenoflow.errors import ConfigError
+
+    assert build_model(resolve("demo", ["model.output_conv=16"]), {"perturbation": 4}).output_conv is not None
+    with pytest.raises(ConfigError, match="model.output_conv"):
+        resolve("demo", ["model.output_conv=-1"])
+    with pytest.raises(ConfigError, match="model.output_conv"):
+        resolve("demo", ["model.arch=unet", "model.output_conv=8", "model.prediction=velocity"])

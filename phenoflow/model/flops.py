@@ -5,6 +5,8 @@ Per image forward, in multiply-accumulates (MAC), with N tokens of width D, dept
     attention      L * 2 N^2 D                          (Q K^T and A V)
     long skips     N * (L/2) * 2 D^2                    (Linear(2D -> D) per merge)
     embed/final    N * p^2 C D * 2;  per image: adaLN  L * 6 D^2 + 2 D^2, time MLP 256 D + D^2
+    output convs   (model.output_conv = K > 0) the final linear gives p^2 K instead of p^2 C values per token,
+                   then H W * 9 (K K + K C) for the two 3x3 convolutions
 Training = forward + backward = 3 x forward; 2 FLOP per MAC.  MiT-XL/2 at 96x96x6: about 8.7 TFLOP/image.
 MFU is reported against 989 TFLOP/s (H100 dense bf16 peak), by this full count.
 """
@@ -17,11 +19,15 @@ def forward_macs(shape) -> dict[str, float]:
     N, D, L, r = shape.num_tokens, shape.hidden_size, shape.depth, shape.mlp_ratio
     pix = shape.patch_size ** 2 * shape.in_channels
     skips = L // 2 if shape.long_skip else 0
+    K = getattr(shape, "output_conv", 0)
+    out_pix = shape.patch_size ** 2 * (K or shape.in_channels)
+    hw = N * shape.patch_size ** 2
     return {
         "linear": N * L * (4 + 2 * r) * D * D,
         "attention": L * 2 * N * N * D,
         "skip": N * skips * 2 * D * D,
-        "embed_final": 2 * N * pix * D,
+        "embed_final": N * pix * D + N * out_pix * D,
+        "output_conv": hw * 9 * (K * K + K * shape.in_channels) if K else 0,
         "adaln": L * 6 * D * D + 2 * D * D,
         "time_mlp": 256 * D + D * D,
     }
