@@ -40,6 +40,14 @@ def _control_batches(read: list[dict[str, Any]], cap: int) -> list[dict[str, Any
     return out
 
 
+def export_samples_seen(export: Path) -> int | None:
+    """Samples seen by the weights of an export folder (its model.json), None when it does not say."""
+    try:
+        return int(json.loads((Path(export) / "model.json").read_text())["samples_seen"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def provenance(cfg: Any, run_dir: Path, from_run: bool, source: dict[str, Any] | None = None) -> dict[str, Any]:
     """Which weights produced the report: checkpoint file, EMA width, samples seen (and of how many). source: what
     the caller says of a model it passed in (checkpoint text, ema_std, samples_seen), over the defaults."""
@@ -53,12 +61,8 @@ def provenance(cfg: Any, run_dir: Path, from_run: bool, source: dict[str, Any] |
     export = run_dir if (run_dir / "model.json").is_file() else run_dir / "export"
     std = cfg.eval.ema_std
     out["checkpoint"] = str(export / (ema_filename(std) if std else "model.safetensors"))
-    try:
-        meta = json.loads((export / "model.json").read_text())
-        out["samples_seen"] = int(meta["samples_seen"])
-    except (OSError, ValueError, KeyError):
-        pass
-    return out
+    seen = export_samples_seen(export)
+    return out if seen is None else {**out, "samples_seen": seen}
 
 
 class ReportExtras:

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from phenoflow.eval.report_extras import export_samples_seen
+
 log = logging.getLogger(__name__)
 
 
@@ -64,10 +66,7 @@ def model_for_width(run_dir: str | Path, std: float, at: int | None = None) -> t
 def _source(run_dir: Path, prov: dict[str, Any], at: int | None) -> dict[str, Any]:
     """The report's provenance of one width: which file or reconstruction, the width, samples seen."""
     export = Path(run_dir) / "export"
-    try:
-        seen = int(json.loads((export / "model.json").read_text())["samples_seen"])
-    except (OSError, ValueError, KeyError):
-        seen = None
+    seen = export_samples_seen(export)
     if prov["source"] == "post-hoc reconstruction":
         text = (f"post-hoc EMA reconstructed from {prov['snapshots']} snapshots of `{Path(run_dir) / 'checkpoints'}` "
                 f"(relative residual {prov['residual']:.1e})")
@@ -132,10 +131,7 @@ def report_to_tensorboard(run_dir: str | Path, report_dir: str | Path, prefix: s
         results = json.loads((report_dir / "metrics.json").read_text())
     except (OSError, ValueError):
         return False
-    try:
-        step = int(json.loads((run_dir / "export" / "model.json").read_text()).get("samples_seen", 0))
-    except (OSError, ValueError):
-        step = 0
+    step = export_samples_seen(run_dir / "export") or 0
     scalars = {f"{prefix}/{k}/w{r['w']:g}": v for r in results.get("sweep", []) for k, v in r.get("metrics", {}).items()
                if isinstance(v, (int, float))}
     images = {f"{prefix}/grid/{n[:-4]}": report_dir / n for n in results.get("grids", []) if (report_dir / n).is_file()}
