@@ -23,7 +23,7 @@ import torch
 from .anndata_io import ExpressionColumns
 from .errors import MissingShardError, ShardError, bad_sample
 from .expression_shards import decode_csr
-from .loader import ShardBatches
+from .shard_batches import ShardBatches
 from .tables import _as_float, payload_crc
 from .vocab import Vocab
 
