@@ -205,7 +205,7 @@ class MiT(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Conv2d) and m is not self.x_embedder:  # the output head's (OutputConv)
+            elif isinstance(m, nn.Conv2d):  # the patch embedding (re-initialised below) and the output head's
                 nn.init.zeros_(m.bias)
         w = self.x_embedder.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
